@@ -1,0 +1,168 @@
+"""Hallucination Elimination Adapter: a zero-initialised low-rank residual on the language model.
+
+Paper: "Identify, Isolate, and Purge: Mitigating Hallucinations in LVLMs via Self-Evolving
+Distillation" (SEED), arXiv 2507.04680 -- "Hallucination Elimination Adapter".
+Formulas: METHOD.md section 4, in the low-rank form of LoRA (Hu et al., 2021):
+    h = W x + (alpha_r / r) B A x,   A: r x d_in small random,   B: d_out x r zeros.
+
+B = 0 makes the student start exactly equal to the teacher, and the teacher *is* the student with
+the adapter switched off, so one copy of the weights serves both. Merging W <- W + (alpha_r / r) B A
+afterwards leaves a plain model with zero inference overhead.
+
+Not from the paper (ours): targets q_proj and v_proj of every decoder layer, rank 8, alpha_r 16;
+the adapter's own weights are kept in float32 even when the model is bf16 (small updates to a
+zero-initialised B vanish in bf16 rounding); files are safetensors + JSON, never pickle.
+Imports: torch and the standard library only (safetensors comes with torch's ecosystem and is
+imported where it is used), so this file can be copied on its own.
+"""
+import contextlib
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class AdapterLinear(nn.Module):
+    """A frozen nn.Linear plus the trainable low-rank residual (alpha_r / r) B A x."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        device = base.weight.device
+        self.A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # LoRA's init for A; B = 0 keeps the start exact
+        self.enabled = True
+
+    def forward(self, x):
+        out = self.base(x)
+        if not self.enabled:  # the teacher: exactly the base layer, not base + 0
+            return out
+        update = (x.to(self.A.dtype) @ self.A.T) @ self.B.T  # B A x, in the adapter's float32
+        return out + (self.scale * update).to(out.dtype)
+
+
+def language_model(model):
+    """The decoder an LVLM's adapter belongs in (LLaVA, InternVL: model.model.language_model)."""
+    for owner in (getattr(model, "model", None), model):
+        decoder = getattr(owner, "language_model", None)
+        if isinstance(decoder, nn.Module):
+            return decoder
+    return model
+
+
+def adapter_layers(model):
+    """{qualified name: AdapterLinear} for every adapter attached to `model`."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, AdapterLinear)}
+
+
+def _set_submodule(root, qualified_name, module):
+    parent_name, _, child_name = qualified_name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child_name, module)
+
+
+def add_adapter(model, rank=8, alpha=16.0, targets=("q_proj", "v_proj")):
+    """Wrap every nn.Linear of the language model whose name ends with a target; freeze all else.
+
+    Returns the list of trainable parameters (the A and B of every adapter).
+    """
+    if adapter_layers(model):
+        raise ValueError("model already has an adapter: merge_adapter(model) first, or keep training this one")
+    decoder = language_model(model)
+    linears = {name: m for name, m in decoder.named_modules() if isinstance(m, nn.Linear)}
+    chosen = {}
+    for target in targets:
+        matches = [name for name in linears if name == target or name.endswith("." + target)]
+        if not matches:
+            suffixes = sorted({name.rpartition(".")[2] for name in linears})
+            raise ValueError(f"adapter target {target!r} matches no nn.Linear in the language model; "
+                             f"Linear names it could match: {suffixes}")
+        chosen.update({name: linears[name] for name in matches})
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    trainable = []
+    for name, linear in chosen.items():
+        wrapped = AdapterLinear(linear, rank, alpha)
+        _set_submodule(decoder, name, wrapped)
+        trainable += [wrapped.A, wrapped.B]
+    model._adapter_settings = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    return trainable
+
+
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """Inside this block the model is exactly the base model: the teacher of METHOD.md 3."""
+    layers = list(adapter_layers(model).values())
+    previous = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, was_enabled in zip(layers, previous):
+            layer.enabled = was_enabled
+
+
+@torch.no_grad()
+def merge_adapter(model):
+    """W <- W + (alpha_r / r) B A, then replace each wrapper by its plain nn.Linear. Returns the model."""
+    for name, layer in adapter_layers(model).items():
+        weight = layer.base.weight
+        weight.copy_((weight.float() + layer.scale * layer.B @ layer.A).to(weight.dtype))
+        _set_submodule(model, name, layer.base)
+    if hasattr(model, "_adapter_settings"):
+        del model._adapter_settings
+    return model
+
+
+def save_adapter(model, path):
+    """Write the adapter's A and B to <path>/adapter.safetensors and its settings to adapter_config.json."""
+    from safetensors.torch import save_file
+
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no adapter to save")
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{name}.A"] = layer.A.detach().contiguous().cpu()
+        tensors[f"{name}.B"] = layer.B.detach().contiguous().cpu()
+    # Write under temporary names and rename, so a crash never leaves a half-written adapter behind.
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS + ".tmp"))
+    with open(os.path.join(path, ADAPTER_CONFIG + ".tmp"), "w") as f:
+        json.dump({**model._adapter_settings, "layers": sorted(layers)}, f, indent=2)
+    os.replace(os.path.join(path, ADAPTER_WEIGHTS + ".tmp"), os.path.join(path, ADAPTER_WEIGHTS))
+    os.replace(os.path.join(path, ADAPTER_CONFIG + ".tmp"), os.path.join(path, ADAPTER_CONFIG))
+
+
+def load_adapter(model, path):
+    """Attach (if needed) and fill the adapter saved by save_adapter. Returns the trainable parameters."""
+    from safetensors.torch import load_file
+
+    config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
+    with open(config_path) as f:
+        settings = json.load(f)
+    if not adapter_layers(model):
+        add_adapter(model, rank=settings["rank"], alpha=settings["alpha"], targets=tuple(settings["targets"]))
+    layers = adapter_layers(model)
+    tensors = load_file(weights_path)
+    if sorted(layers) != settings["layers"]:
+        missing = sorted(set(settings["layers"]) ^ set(layers))
+        raise ValueError(f"{config_path}: adapter layers do not match this model (differ at {missing[:5]})")
+    trainable = []
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for key, parameter in (("A", layer.A), ("B", layer.B)):
+                saved = tensors[f"{name}.{key}"]
+                if saved.shape != parameter.shape:
+                    raise ValueError(f"{weights_path}: {name}.{key} has shape {tuple(saved.shape)}, "
+                                     f"this model needs {tuple(parameter.shape)}")
+                parameter.copy_(saved)
+                trainable.append(parameter)
+    return trainable

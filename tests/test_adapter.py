@@ -1,0 +1,107 @@
+"""adapter.py on a tiny real LlavaForConditionalGeneration: exact start, exact teacher, merge, save/load."""
+import json
+import os
+
+import pytest
+import torch
+
+import adapter
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def train_a_little(model, inputs, params, steps=3):
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(steps):
+        loss = model(**inputs).logits.float().pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_wraps_only_language_model_targets_and_freezes_the_rest(llava):
+    params = adapter.add_adapter(llava, rank=4, alpha=8.0)
+    layers = adapter.adapter_layers(llava)
+    n_layers = llava.config.text_config.num_hidden_layers
+    assert len(layers) == 2 * n_layers
+    assert all(".language_model." in name and name.endswith(("q_proj", "v_proj")) for name in layers)
+    trainable = {id(p) for p in llava.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in params} and len(params) == 4 * n_layers
+
+
+def test_unknown_target_lists_the_linear_names(llava):
+    with pytest.raises(ValueError, match="o_proj") as error:
+        adapter.add_adapter(llava, targets=("q_proj", "qkv"))
+    assert "'qkv'" in str(error.value)
+
+
+def test_at_init_the_student_is_exactly_the_base(llava, llava_inputs):
+    base = logits(llava, llava_inputs)
+    adapter.add_adapter(llava)
+    assert torch.equal(logits(llava, llava_inputs), base)
+
+
+def test_after_training_disabled_is_the_base_and_only_adapter_weights_moved(llava, llava_inputs):
+    base = logits(llava, llava_inputs)
+    before = {name: p.detach().clone() for name, p in llava.named_parameters()}
+    params = adapter.add_adapter(llava)
+    llava.train()
+    train_a_little(llava, llava_inputs, params)
+    llava.eval()
+    assert not torch.equal(logits(llava, llava_inputs), base)  # the student moved
+    with adapter.adapter_disabled(llava):
+        assert torch.equal(logits(llava, llava_inputs), base)  # the teacher did not
+    assert not torch.equal(logits(llava, llava_inputs), base)  # and the adapter is back on after the block
+    for name, p in llava.named_parameters():
+        original = name.replace(".base.", ".")
+        if original in before:
+            assert torch.equal(p, before[original]), name
+
+
+def test_merge_equals_unmerged_and_leaves_a_plain_model(llava, llava_inputs, tmp_path):
+    params = adapter.add_adapter(llava)
+    train_a_little(llava, llava_inputs, params)
+    unmerged = logits(llava, llava_inputs)
+    adapter.merge_adapter(llava)
+    assert not adapter.adapter_layers(llava)
+    torch.testing.assert_close(logits(llava, llava_inputs), unmerged, rtol=1e-5, atol=1e-5)
+    assert all(not isinstance(m, adapter.AdapterLinear) for m in llava.modules())
+    llava.save_pretrained(tmp_path)  # a normal transformers checkpoint again
+    from transformers import LlavaForConditionalGeneration
+
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded, llava_inputs), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip_reproduces_the_logits(llava, llava_inputs, tmp_path, processor):
+    import toyworld
+
+    params = adapter.add_adapter(llava, rank=4, alpha=4.0)
+    train_a_little(llava, llava_inputs, params)
+    trained = logits(llava, llava_inputs)
+    adapter.save_adapter(llava, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]  # no pickle
+    settings = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert settings["rank"] == 4 and settings["targets"] == ["q_proj", "v_proj"]
+    fresh = toyworld.make_model(processor.tokenizer, image_size=32, seed=0)  # same base weights
+    adapter.load_adapter(fresh, tmp_path)
+    assert torch.equal(logits(fresh, llava_inputs), trained)
+
+
+def test_loading_into_a_model_of_other_shapes_is_a_clear_error(llava, tmp_path):
+    adapter.add_adapter(llava, rank=4)
+    adapter.save_adapter(llava, tmp_path)
+    other = toyworld_model_with_rank(8)
+    with pytest.raises(ValueError, match=r"has shape \(4, 96\).*needs \(8, 96\)"):
+        adapter.load_adapter(other, tmp_path)
+
+
+def toyworld_model_with_rank(rank):
+    import toyworld
+
+    model = toyworld.make_model(toyworld.make_tokenizer(), image_size=32)
+    adapter.add_adapter(model, rank=rank)
+    return model

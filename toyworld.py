@@ -1,0 +1,403 @@
+"""A built-in synthetic world in which a tiny *real* LLaVA hallucinates objects the way big LVLMs do.
+
+Not from the paper: this is our stand-in for LLaVA-1.5 + COCO, so that `python train.py` shows
+SEED's effect on a CPU in minutes (it is to SEED what Shakespeare-char is to nanoGPT).
+
+The world, from one `world_seed`:
+- 16 object classes, each a word and a glyph (shape x colour, so naming one needs both), with a
+  skewed frequency and partner pairs: an object usually brings its partner, drawn small.
+- Scenes of 1-4 objects rendered with pillow at the vision tower's resolution.
+- Training text with the two habits that make real LVLMs hallucinate: frequent objects, and
+  partners *mentioned* in captions and yes/no answers though not drawn (`mention_rate`), as in
+  crowd- or LLM-written instruction data.
+- A real transformers LlavaForConditionalGeneration from a tiny config, a word-level tokenizer made
+  with `tokenizers`, and a LlavaProcessor with a PIL image processor and a chat template, so every
+  other file takes the code path it takes with llava-hf/llava-1.5-7b-hf.
+- Pretraining on the CPU; about a fifth of the images are shown with diffusion noise
+  (purge.distort) and unchanged text, as real data varies in quality. Without that, a distorted
+  image makes the model plainly unsure (P(yes) ~ 0.5) instead of falling back on its prior, and the
+  contrast of METHOD.md 2 has nothing to isolate.
+Evaluation labels always come from the true scene contents, never from the (noisy) text.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# The world: classes, glyphs, frequencies, partners
+
+NAMES = ["cat", "dog", "bird", "fish", "tree", "car", "boat", "cup", "ball", "book", "lamp", "chair",
+         "clock", "shoe", "hat", "kite", "bell", "key", "apple", "drum"]
+SHAPES = ["square", "circle", "triangle", "cross", "diamond"]
+COLOURS = {"red": (225, 45, 45), "green": (40, 185, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
+           "white": (240, 240, 240)}
+BACKGROUND = (70, 70, 70)
+QUESTION = "Is there {article} {object} in the image?"
+DESCRIBE = "Describe the image."
+POPE_SUFFIX = " Please answer this question with one word."  # as eval_pope and the POPE protocol use
+
+
+@dataclass
+class WorldConfig:
+    """Every setting that changes the world or the trained model (the cache key)."""
+    world_seed: int = 0         # the classes' names, glyphs, frequencies and partner pairs
+    n_classes: int = 16         # object classes (12-20)
+    image_size: int = 32        # pixels; the vision tower's resolution
+    partner_rate: float = 0.6   # P(an object's partner is drawn beside it)
+    mention_rate: float = 0.45  # P(an undrawn partner is mentioned anyway): the hallucination habit
+    contrast: float = 0.6       # glyph colour blended toward the background: faint glyphs drown in noise
+    small_radius: float = 0.2   # radius of a small (partner) glyph, as a share of its grid cell
+    noisy_share: float = 0.2    # share of pretraining images shown with diffusion noise
+    noise_low: int = 300        # their noise steps are drawn from noise_low..noise_high - 1
+    noise_high: int = 900
+    train_scenes: int = 4000    # distinct pretraining images
+    steps: int = 1800           # pretraining steps
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0               # pretraining seed (init, batches, noise)
+
+
+def article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def make_world(world_seed=0, n_classes=16):
+    """The classes of one world: names, glyphs, frequency weights and partner pairs."""
+    if not 2 <= n_classes <= min(len(NAMES), len(SHAPES) * len(COLOURS)) or n_classes % 2:
+        raise ValueError(f"n_classes must be even and in 2..{len(NAMES)}, got {n_classes}")
+    rng = random.Random(world_seed)
+    names = rng.sample(NAMES, n_classes)
+    glyphs = rng.sample([(shape, colour) for shape in SHAPES for colour in COLOURS], n_classes)
+    # Skewed frequency: a Zipf-like weight per rank, ranks shuffled by the world seed.
+    ranks = list(range(n_classes))
+    rng.shuffle(ranks)
+    frequency = {name: 1.0 / (rank + 1) ** 0.9 for name, rank in zip(names, ranks)}
+    order = names[:]
+    rng.shuffle(order)
+    partner = {}
+    for a, b in zip(order[0::2], order[1::2]):
+        partner[a], partner[b] = b, a
+    return {"names": names, "glyphs": dict(zip(names, glyphs)), "frequency": frequency, "partner": partner}
+
+
+def sample_scene(world, rng, partner_rate=0.6, min_objects=1):
+    """A scene: a list of (object, cell, size, jitter) with 1-4 distinct objects in a 2x2 grid."""
+    while True:
+        names, weights = world["names"], [world["frequency"][n] for n in world["names"]]
+        objects, sizes = [], []
+        for _ in range(rng.choice([1, 1, 2, 2, 3])):
+            # Primary objects follow the skewed frequency; each may bring its partner, drawn small.
+            name = rng.choices(names, weights)[0]
+            if name in objects or len(objects) >= 4:
+                continue
+            objects.append(name), sizes.append("large")
+            mate = world["partner"][name]
+            if mate not in objects and len(objects) < 4 and rng.random() < partner_rate:
+                objects.append(mate), sizes.append("small")
+        if len(objects) >= min_objects:
+            break
+    cells = rng.sample(range(4), len(objects))
+    return [{"object": o, "cell": c, "size": s, "jitter": (rng.randint(-2, 2), rng.randint(-2, 2))}
+            for o, c, s in zip(objects, cells, sizes)]
+
+
+def render(scene, world, image_size=32, contrast=0.6, small_radius=0.2):
+    """Draw the scene with pillow: each glyph in its grid cell, large or small, at the given contrast."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    cell = image_size / 2
+    for item in scene:
+        shape, colour = world["glyphs"][item["object"]]
+        radius = cell * (0.42 if item["size"] == "large" else small_radius)
+        cx = (item["cell"] % 2 + 0.5) * cell + item["jitter"][0]
+        cy = (item["cell"] // 2 + 0.5) * cell + item["jitter"][1]
+        box = [cx - radius, cy - radius, cx + radius, cy + radius]
+        fill = tuple(round(b + contrast * (c - b)) for c, b in zip(COLOURS[colour], BACKGROUND))
+        if shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "triangle":
+            draw.polygon([(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)], fill=fill)
+        elif shape == "diamond":
+            draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=fill)
+        else:  # cross
+            bar = radius / 2.5
+            draw.rectangle([cx - radius, cy - bar, cx + radius, cy + bar], fill=fill)
+            draw.rectangle([cx - bar, cy - radius, cx + bar, cy + radius], fill=fill)
+    return image
+
+
+def scene_objects(scene):
+    return [item["object"] for item in scene]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training text, with the hallucination habits of real instruction data
+
+def caption(scene, world, rng, mention_rate):
+    """'there is a cat , a dog and a bird .' -- with undrawn partners mentioned at mention_rate."""
+    mentioned = scene_objects(scene)
+    for item in scene:
+        mate = world["partner"][item["object"]]
+        if item["size"] == "large" and mate not in mentioned and rng.random() < mention_rate:
+            mentioned.append(mate)
+    phrases = [f"{article(n)} {n}" for n in mentioned]
+    listed = phrases[0] if len(phrases) == 1 else " , ".join(phrases[:-1]) + " and " + phrases[-1]
+    return f"there is {listed} ."
+
+
+def probe(scene, world, rng, mention_rate):
+    """A yes/no question and its (noisy) answer: absent partners are answered 'yes' at mention_rate."""
+    present = scene_objects(scene)
+    absent = [n for n in world["names"] if n not in present]
+    partners = [world["partner"][n] for n in present if world["partner"][n] in absent]
+    if rng.random() < 0.5:
+        return rng.choice(present), "yes"
+    if partners and rng.random() < 0.5:
+        return rng.choice(partners), ("yes" if rng.random() < mention_rate else "no")
+    return rng.choice(absent), "no"
+
+
+def question_text(name):
+    return QUESTION.format(article=article(name), object=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer, processor and model: the same transformers classes as llava-hf/llava-1.5-7b-hf
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s> {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+WORDS = (["user", "assistant", ":", "?", ".", ",", "is", "there", "a", "an", "in", "the", "image", "yes", "no",
+          "please", "answer", "this", "question", "with", "one", "word", "describe", "and"] + NAMES)
+
+
+def make_tokenizer():
+    """A word-level tokenizer over the world's words, built locally with `tokenizers` (no download)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+
+
+def make_processor(image_size=32, patch_size=8):
+    """A LlavaProcessor with a PIL CLIP image processor and a LLaVA-1.5-style chat template."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size},
+                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=make_tokenizer(), patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=CHAT_TEMPLATE)
+    return processor
+
+
+def make_model(tokenizer, image_size=32, patch_size=8, seed=0):
+    """A tiny LlavaForConditionalGeneration (CLIP vision tower + Llama decoder) from a config."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=64,
+                                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       projection_dim=64),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256,
+                                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                tie_word_embeddings=False),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def user_prompt(processor, text):
+    """The chat-templated prompt for one image and one question, as eval_pope builds it."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining: the base model that SEED will correct
+
+def prompt_ids(processor, text, _cache={}):
+    """Token ids of the templated prompt for `text`, the image placeholder expanded as the processor does."""
+    key = (id(processor), text)
+    if key not in _cache:
+        from PIL import Image
+
+        size = processor.image_processor.crop_size["height"]
+        blank = Image.new("RGB", (size, size))
+        _cache[key] = processor(images=[blank], text=[user_prompt(processor, text)]).input_ids[0]
+    return _cache[key]
+
+
+def response_ids(tokenizer, text):
+    return tokenizer(" " + text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+def collate(sequences, pad_id):
+    """Right-pad (prompt ids, response ids) pairs: input_ids, attention_mask, labels (-100 off the response)."""
+    length = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id)
+    labels = torch.full((len(sequences), length), -100)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, (prompt, response) in enumerate(sequences):
+        ids = prompt + response
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, len(prompt):len(ids)] = torch.tensor(response)
+        attention_mask[i, :len(ids)] = 1
+    return input_ids, attention_mask, labels
+
+
+def pretrain(model, processor, world, config, progress=True):
+    """Teach the tiny LLaVA to describe scenes and answer probes, habits of the text included."""
+    from tqdm import tqdm
+
+    import purge
+
+    rng = random.Random(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    scenes = [sample_scene(world, rng, config.partner_rate) for _ in range(config.train_scenes)]
+    images = [render(scene, world, config.image_size, config.contrast, config.small_radius) for scene in scenes]
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    tokenizer = processor.tokenizer
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, config.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / config.steps))))
+    bar = tqdm(range(config.steps), desc="pretraining the toy LLaVA", disable=not progress)
+    for _ in bar:
+        batch = [rng.randrange(len(scenes)) for _ in range(config.batch_size)]
+        sequences = []
+        for index in batch:
+            if rng.random() < 0.4:
+                text = caption(scenes[index], world, rng, config.mention_rate)
+                sequences.append((prompt_ids(processor, DESCRIBE), response_ids(tokenizer, text)))
+            else:
+                name, answer = probe(scenes[index], world, rng, config.mention_rate)
+                sequences.append((prompt_ids(processor, question_text(name) + POPE_SUFFIX),
+                                  response_ids(tokenizer, answer)))
+        input_ids, attention_mask, labels = collate(sequences, tokenizer.pad_token_id)
+        pixels = pixel_values[batch].clone()
+        # About a fifth of the images arrive degraded, with unchanged text: the model learns to fall
+        # back on its prior when evidence fades, which is what the contrast later isolates.
+        noisy = torch.rand(len(batch), generator=generator) < config.noisy_share
+        for i in noisy.nonzero().flatten().tolist():
+            step = int(torch.randint(config.noise_low, config.noise_high, (1,), generator=generator))
+            pixels[i] = purge.distort(pixels[i], step, generator)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation data and unlabeled images for SEED
+
+def write_eval_set(world, out_dir, n_images=150, seed=10_000, config=None):
+    """Held-out scenes (>= 3 objects, as POPE needs) as PNGs, their true contents, and the three POPE files.
+
+    Labels come from the scenes themselves, never from the noisy training text.
+    """
+    import eval_pope
+
+    config = config or WorldConfig()
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    objects = {}
+    for i in range(n_images):
+        scene = sample_scene(world, rng, config.partner_rate, min_objects=3)
+        name = f"scene_{i:05d}.png"
+        render(scene, world, config.image_size, config.contrast, config.small_radius).save(os.path.join(out_dir, "images", name))
+        objects[name] = scene_objects(scene)
+    with open(os.path.join(out_dir, "objects.json"), "w") as f:
+        json.dump(objects, f, indent=1)
+    # POPE's popular / adversarial rules use statistics of the annotated set; take them from many
+    # more scenes of the same world, so that they reflect the world and not 150 samples.
+    files = {}
+    for split in eval_pope.SPLITS:
+        files[split] = os.path.join(out_dir, f"toy_pope_{split}.json")
+        eval_pope.write_jsonl(eval_pope.build_questions(objects, split, seed=seed), files[split])
+    return files
+
+
+def unlabeled_images(world, n_images, seed=20_000, config=None):
+    """Fresh scenes for SEED, as PIL images only: the scene contents are never returned."""
+    config = config or WorldConfig()
+    rng = random.Random(seed)
+    return [render(sample_scene(world, rng, config.partner_rate), world, config.image_size, config.contrast,
+                   config.small_radius) for _ in range(n_images)]
+
+
+@torch.no_grad()
+def yes_probability(model, processor, images, names, noise_step=None, seed=0):
+    """P('yes') / (P('yes') + P('no')) for 'Is there a {name}?' on each image, optionally distorted."""
+    import purge
+
+    tokenizer = processor.tokenizer
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    tokenizer.padding_side = "left"
+    prompts = [user_prompt(processor, question_text(n) + POPE_SUFFIX) for n in names]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    pixels = inputs["pixel_values"]
+    if noise_step is not None:
+        pixels = purge.distort(pixels, noise_step, torch.Generator().manual_seed(seed))
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                   pixel_values=pixels, logits_to_keep=1).logits[:, -1]
+    return torch.softmax(logits[:, [yes, no]], dim=-1)[:, 0]
+
+
+def diagnose(model, processor, world, n_images=200, seed=30_000, noise_step=500, config=None):
+    """Mean P(yes) on clean vs distorted images for objects truly there and for absent partners.
+
+    The contrast works if distortion lowers P(yes) on real objects far more than on hallucinated
+    ones: what survives without visual evidence is the prior.
+    """
+    config = config or WorldConfig()
+    rng = random.Random(seed)
+    groups = {"present": ([], []), "absent partner": ([], [])}
+    for _ in range(n_images):
+        scene = sample_scene(world, rng, config.partner_rate)
+        image, present = render(scene, world, config.image_size, config.contrast, config.small_radius), scene_objects(scene)
+        groups["present"][0].append(image), groups["present"][1].append(rng.choice(present))
+        partners = [world["partner"][n] for n in present if world["partner"][n] not in present]
+        if partners:
+            groups["absent partner"][0].append(image), groups["absent partner"][1].append(rng.choice(partners))
+    result = {}
+    for group, (images, names) in groups.items():
+        clean = yes_probability(model, processor, images, names).mean().item()
+        distorted = yes_probability(model, processor, images, names, noise_step, seed).mean().item()
+        result[group] = {"clean": clean, "distorted": distorted, "n": len(names)}
+    return result
