@@ -1,0 +1,265 @@
+"""Self-Evolving Distillation: the SEED step and rounds of self-evolution.
+
+Paper: "Identify, Isolate, and Purge: Mitigating Hallucinations in LVLMs via Self-Evolving
+Distillation" (SEED), arXiv 2507.04680. Formulas: METHOD.md sections 3 (the loss) and 5 (rounds).
+
+One round: freeze the model, let it answer unlabeled images with *purified* greedy decoding
+(purge.purify at every token: no annotation is ever read), attach a fresh zero-initialised
+adapter, and distil the purified distribution back into the model with the reverse KL
+(Mode-Seeking Evolving). The teacher is the same weights with the adapter switched off.
+Merge the adapter; the merged model is the next round's teacher.
+
+Not from the paper (ours): the probe and description prompts, the optimiser and step counts,
+and three economies that do not change the result: logits are computed at response positions
+only (never a [batch, length, vocabulary] float32 copy), the clean vision features are computed
+once per image and shared by the teacher's clean pass and the student's pass (the adapter lives in
+the language model, so they are identical), and the teacher's logits are freed before the
+student's backward.
+"""
+import json
+import os
+import random
+
+import torch
+
+import adapter
+import losses
+import purge
+
+PROBE = "Is there {article} {object} in the image?"
+POPE_SUFFIX = " Please answer this question with one word."
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes that share the vision features
+
+def image_features(model, pixel_values):
+    """Projected vision features, one row per image token: (n_image_tokens_in_batch, hidden)."""
+    output = model.get_image_features(pixel_values=pixel_values)
+    features = getattr(output, "pooler_output", output)
+    if isinstance(features, (list, tuple)):  # LLaVA returns one tensor per image, InternVL one tensor
+        features = torch.cat(list(features), dim=0)
+    return features.reshape(-1, features.shape[-1])
+
+
+def response_logits(model, input_ids, attention_mask, features, response_mask):
+    """Logits only at the positions that predict a response token: (n_response_tokens, vocab).
+
+    The image placeholders are filled with precomputed `features`, so the vision tower is not rerun.
+    """
+    embeddings = model.get_input_embeddings()(input_ids)
+    placeholders = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    embeddings = embeddings.masked_scatter(placeholders, features.to(embeddings.dtype))
+    hidden = model.model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+    predicts_response = response_mask[:, 1:]  # position t predicts token t + 1
+    return model.get_output_embeddings()(hidden[:, :-1][predicts_response])  # (N, V)
+
+
+def seed_step(model, batch, loss="reverse", alpha=1.0, beta=0.1, noise_step=500, generator=None):
+    """One SEED step: teacher on clean and distorted images (adapter off, no grad), purify, student, KL.
+
+    Returns (loss, purified teacher logits, student logits); call loss.backward() yourself.
+    """
+    input_ids, attention_mask, response_mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    with torch.no_grad():
+        clean = image_features(model, batch["pixel_values"])
+        distorted = image_features(model, purge.distort(batch["pixel_values"], noise_step, generator))
+        with adapter.adapter_disabled(model):
+            z = response_logits(model, input_ids, attention_mask, clean, response_mask)
+            z_distorted = response_logits(model, input_ids, attention_mask, distorted, response_mask)
+        teacher = purge.purify(z, z_distorted, alpha, beta)  # pt = softmax(teacher), voids at -inf
+        del z, z_distorted, distorted
+    student = response_logits(model, input_ids, attention_mask, clean, response_mask)
+    kl = losses.reverse_kl if loss == "reverse" else losses.forward_kl
+    return kl(student, teacher), teacher, student
+
+
+def sft_step(model, batch):
+    """A plain adapter fine-tuning step on the same response tokens (the baseline bench.py compares to)."""
+    with torch.no_grad():
+        clean = image_features(model, batch["pixel_values"])
+    student = response_logits(model, batch["input_ids"], batch["attention_mask"], clean, batch["response_mask"])
+    targets = batch["input_ids"][:, 1:][batch["response_mask"][:, 1:]]
+    return torch.nn.functional.cross_entropy(student.float(), targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label-free data: the model's own purified answers on unlabeled images
+
+def probe_text(name):
+    return PROBE.format(article="an" if name[0].lower() in "aeiou" else "a", object=name) + POPE_SUFFIX
+
+
+def make_examples(model, processor, images, object_names, probes_per_image=6, description="Describe the image.",
+                  batch_size=32, max_new_tokens=24, seed=0, alpha=1.0, beta=0.1, noise_step=500, progress=True):
+    """Prompts on unlabeled images, answered by the model itself with purified greedy decoding.
+
+    Each image gets `probes_per_image` yes/no probes for objects the model can name and one
+    description prompt. Returns a list of {"image": index, "prompt": text, "response": token ids}.
+    """
+    from tqdm import tqdm
+
+    import eval_pope
+
+    rng = random.Random(seed)
+    prompts = []
+    for index in range(len(images)):
+        names = rng.sample(object_names, min(probes_per_image, len(object_names)))
+        prompts += [(index, probe_text(name)) for name in names]
+        if description:
+            prompts.append((index, description))
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    examples = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="purified answers", disable=not progress):
+        chunk = prompts[start:start + batch_size]
+        texts = [eval_pope.chat_prompt(processor, text) for _, text in chunk]
+        inputs = processor(images=[images[i] for i, _ in chunk], text=texts, return_tensors="pt",
+                           padding=True).to(device)
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + j) for j in range(len(chunk))]
+        responses = eval_pope.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
+                                       alpha=alpha, beta=beta, noise_step=noise_step,
+                                       eos_token_id=tokenizer.eos_token_id)
+        for (index, text), response in zip(chunk, responses):
+            examples.append({"image": index, "prompt": text, "response": response + [tokenizer.eos_token_id]})
+    return examples
+
+
+def collate(examples, processor, images):
+    """Right-padded batch: input_ids, attention_mask, response_mask (True on response tokens), pixel_values."""
+    import eval_pope
+
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right"
+    texts = [eval_pope.chat_prompt(processor, e["prompt"]) for e in examples]
+    prompts = processor(images=[images[e["image"]] for e in examples], text=texts, return_tensors="pt",
+                        padding=True)
+    prompt_lengths = prompts["attention_mask"].sum(-1).tolist()
+    length = max(n + len(e["response"]) for n, e in zip(prompt_lengths, examples))
+    input_ids = torch.full((len(examples), length), tokenizer.pad_token_id)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    response_mask = torch.zeros((len(examples), length), dtype=torch.bool)
+    for i, (n, e) in enumerate(zip(prompt_lengths, examples)):
+        ids = prompts["input_ids"][i, :n].tolist() + e["response"]
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+        response_mask[i, n:len(ids)] = True
+    batch = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")}
+    batch.update(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: adapter + optimiser + step, written atomically, no pickle
+
+def save_checkpoint(model, optimizer, path, round_index, step):
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    adapter.save_adapter(model, tmp)
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for key, slots in state["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"{key}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{key}.{name}"] = float(value)
+    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    with open(os.path.join(tmp, "progress.json"), "w") as f:
+        json.dump({"round": round_index, "step": step, "scalars": scalars}, f)
+    if os.path.exists(path):
+        os.replace(path, path + ".old")  # rename is atomic; the old one is removed only after
+    os.replace(tmp, path)
+    if os.path.exists(path + ".old"):
+        import shutil
+
+        shutil.rmtree(path + ".old")
+
+
+def load_checkpoint(model, optimizer, path):
+    """Restore adapter and optimiser moments; returns (round, step) to continue from."""
+    from safetensors.torch import load_file
+
+    adapter.load_adapter(model, path)
+    with open(os.path.join(path, "progress.json")) as f:
+        progress = json.load(f)
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    state = optimizer.state_dict()
+    for key in state["param_groups"][0]["params"]:
+        slots = {name.split(".", 1)[1]: value for name, value in tensors.items() if name.split(".", 1)[0] == str(key)}
+        slots.update({name.split(".", 1)[1]: torch.tensor(value) for name, value in progress["scalars"].items()
+                      if name.split(".", 1)[0] == str(key)})
+        if slots:
+            state["state"][key] = slots
+    optimizer.load_state_dict(state)
+    return progress["round"], progress["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-evolution
+
+def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=300, loss="reverse", batch_size=32,
+           lr=2e-3, rank=8, adapter_alpha=16.0, targets=("q_proj", "v_proj"), alpha=1.0, beta=0.1, noise_step=500,
+           probes_per_image=6, description="Describe the image.", max_new_tokens=24, checkpoint_every=50,
+           resume=False, seed=0, autocast_dtype=None, progress=True):
+    """Run `rounds` rounds of SEED on `model` in place; returns it merged, with a log of each round.
+
+    Each round writes <out_dir>/round<r>/adapter.safetensors; checkpoints go to <out_dir>/checkpoint
+    every `checkpoint_every` steps, and resume=True continues from there with the same result as an
+    uninterrupted run (batches and noise are seeded by (seed, round, step), not by history).
+    """
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoint = os.path.join(out_dir, "checkpoint")
+    device = next(model.parameters()).device
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else torch.autocast(device.type, enabled=False))
+    history = []
+    start_round, start_step = 0, 0
+    if resume and os.path.exists(os.path.join(checkpoint, "progress.json")):
+        with open(os.path.join(checkpoint, "progress.json")) as f:
+            saved = json.load(f)
+        start_round, start_step = saved["round"], saved["step"]
+    for round_index in range(rounds):
+        round_dir = os.path.join(out_dir, f"round{round_index}")
+        if round_index < start_round:  # finished before the crash: replay its merge
+            adapter.load_adapter(model, round_dir)
+            adapter.merge_adapter(model)
+            continue
+        model.eval()  # no dropout: teacher and student differ by the adapter alone
+        with autocast:
+            examples = make_examples(model, processor, images, object_names, probes_per_image, description,
+                                     batch_size, max_new_tokens, seed + round_index, alpha, beta, noise_step,
+                                     progress)
+        torch.manual_seed(seed * 7919 + round_index)  # a fresh adapter's A, the same on every rerun
+        params = adapter.add_adapter(model, rank, adapter_alpha, targets)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        if round_index == start_round and start_step > 0:  # resume mid-round: adapter, moments, step
+            load_checkpoint(model, optimizer, checkpoint)
+        bar = tqdm(range(start_step, steps), desc=f"SEED round {round_index} ({loss} KL)", disable=not progress,
+                   initial=start_step, total=steps)
+        log = []
+        for step in bar:
+            rng = random.Random(f"{seed}/{round_index}/{step}")
+            batch = collate(rng.sample(examples, min(batch_size, len(examples))), processor, images)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + round_index * 10_007 + step)
+            with autocast:
+                value, teacher, student = seed_step(model, batch, loss, alpha, beta, noise_step, generator)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            log.append({"step": step, "loss": value.item(),
+                        "void_mass": losses.void_mass(student.detach(), teacher).item()})
+            bar.set_postfix(loss=f"{value.item():.4f}")
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                save_checkpoint(model, optimizer, checkpoint, round_index, step + 1)
+        start_step = 0
+        adapter.save_adapter(model, round_dir)
+        save_checkpoint(model, optimizer, checkpoint, round_index + 1, 0)
+        adapter.merge_adapter(model)
+        history.append({"round": round_index, "examples": len(examples), "log": log})
+    return model, history
