@@ -197,6 +197,20 @@ def load_checkpoint(model, optimizer, path):
     return progress["round"], progress["step"]
 
 
+@torch.no_grad()
+def held_out_void_mass(model, processor, images, examples, batch_size, alpha, beta, noise_step, seed):
+    """Mean student probability on the purified teacher's void tokens, over held-out response positions."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], processor, images).items()}
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + 999_983 + start)
+        _, teacher, student = seed_step(model, batch, "reverse", alpha, beta, noise_step, generator)
+        total += losses.void_mass(student, teacher).item() * teacher.shape[0]
+        count += teacher.shape[0]
+    return total / max(count, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Self-evolution
 
@@ -234,11 +248,17 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=300,
             examples = make_examples(model, processor, images, object_names, probes_per_image, description,
                                      batch_size, max_new_tokens, seed + round_index, alpha, beta, noise_step,
                                      progress)
+        # Hold out a few examples to measure the student's mass on the teacher's voids (METHOD.md 3).
+        held_out = examples[-max(batch_size, len(examples) // 20):]
+        examples = examples[:-len(held_out)]
         torch.manual_seed(seed * 7919 + round_index)  # a fresh adapter's A, the same on every rerun
         params = adapter.add_adapter(model, rank, adapter_alpha, targets)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         if round_index == start_round and start_step > 0:  # resume mid-round: adapter, moments, step
             load_checkpoint(model, optimizer, checkpoint)
+        with autocast:
+            void_at_start = held_out_void_mass(model, processor, images, held_out, batch_size, alpha, beta,
+                                               noise_step, seed)
         bar = tqdm(range(start_step, steps), desc=f"SEED round {round_index} ({loss} KL)", disable=not progress,
                    initial=start_step, total=steps)
         log = []
@@ -258,8 +278,12 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=300,
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 save_checkpoint(model, optimizer, checkpoint, round_index, step + 1)
         start_step = 0
+        with autocast:
+            void_at_end = held_out_void_mass(model, processor, images, held_out, batch_size, alpha, beta, noise_step,
+                                             seed)
         adapter.save_adapter(model, round_dir)
         save_checkpoint(model, optimizer, checkpoint, round_index + 1, 0)
         adapter.merge_adapter(model)
-        history.append({"round": round_index, "examples": len(examples), "log": log})
+        history.append({"round": round_index, "examples": len(examples), "void_mass_at_start": void_at_start,
+                        "void_mass": void_at_end, "log": log})
     return model, history

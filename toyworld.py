@@ -52,8 +52,9 @@ class WorldConfig:
     image_size: int = 32        # pixels; the vision tower's resolution
     partner_rate: float = 0.6   # P(an object's partner is drawn beside it)
     mention_rate: float = 0.45  # P(an undrawn partner is mentioned anyway): the hallucination habit
-    contrast: float = 0.6       # glyph colour blended toward the background: faint glyphs drown in noise
-    small_radius: float = 0.2   # radius of a small (partner) glyph, as a share of its grid cell
+    contrast: float = 0.8       # large glyphs: colour blended this far from the background
+    small_contrast: float = 0.25  # small glyphs are faint: plain to see, but drowned by moderate noise
+    small_radius: float = 0.22  # radius of a small (partner) glyph, as a share of its grid cell
     noisy_share: float = 0.2    # share of pretraining images shown with diffusion noise
     noise_low: int = 300        # their noise steps are drawn from noise_low..noise_high - 1
     noise_high: int = 900
@@ -108,8 +109,8 @@ def sample_scene(world, rng, partner_rate=0.6, min_objects=1):
             for o, c, s in zip(objects, cells, sizes)]
 
 
-def render(scene, world, image_size=32, contrast=0.6, small_radius=0.2):
-    """Draw the scene with pillow: each glyph in its grid cell, large or small, at the given contrast."""
+def render(scene, world, image_size=32, contrast=0.8, small_contrast=0.25, small_radius=0.22):
+    """Draw the scene with pillow: each glyph in its grid cell; small glyphs smaller and fainter."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
@@ -121,7 +122,8 @@ def render(scene, world, image_size=32, contrast=0.6, small_radius=0.2):
         cx = (item["cell"] % 2 + 0.5) * cell + item["jitter"][0]
         cy = (item["cell"] // 2 + 0.5) * cell + item["jitter"][1]
         box = [cx - radius, cy - radius, cx + radius, cy + radius]
-        fill = tuple(round(b + contrast * (c - b)) for c, b in zip(COLOURS[colour], BACKGROUND))
+        strength = contrast if item["size"] == "large" else small_contrast
+        fill = tuple(round(b + strength * (c - b)) for c, b in zip(COLOURS[colour], BACKGROUND))
         if shape == "square":
             draw.rectangle(box, fill=fill)
         elif shape == "circle":
@@ -284,7 +286,7 @@ def pretrain(model, processor, world, config, progress=True):
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     scenes = [sample_scene(world, rng, config.partner_rate) for _ in range(config.train_scenes)]
-    images = [render(scene, world, config.image_size, config.contrast, config.small_radius) for scene in scenes]
+    images = [render(scene, world, config.image_size, config.contrast, config.small_contrast, config.small_radius) for scene in scenes]
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     tokenizer = processor.tokenizer
     model.train()
@@ -340,12 +342,12 @@ def write_eval_set(world, out_dir, n_images=150, seed=10_000, config=None):
     for i in range(n_images):
         scene = sample_scene(world, rng, config.partner_rate, min_objects=3)
         name = f"scene_{i:05d}.png"
-        render(scene, world, config.image_size, config.contrast, config.small_radius).save(os.path.join(out_dir, "images", name))
+        render(scene, world, config.image_size, config.contrast, config.small_contrast, config.small_radius).save(os.path.join(out_dir, "images", name))
         objects[name] = scene_objects(scene)
     with open(os.path.join(out_dir, "objects.json"), "w") as f:
         json.dump(objects, f, indent=1)
-    # POPE's popular / adversarial rules use statistics of the annotated set; take them from many
-    # more scenes of the same world, so that they reflect the world and not 150 samples.
+    # popular / adversarial negatives follow the frequencies and co-occurrences of this annotated set,
+    # as POPE's do on COCO.
     files = {}
     for split in eval_pope.SPLITS:
         files[split] = os.path.join(out_dir, f"toy_pope_{split}.json")
@@ -358,7 +360,7 @@ def unlabeled_images(world, n_images, seed=20_000, config=None):
     config = config or WorldConfig()
     rng = random.Random(seed)
     return [render(sample_scene(world, rng, config.partner_rate), world, config.image_size, config.contrast,
-                   config.small_radius) for _ in range(n_images)]
+                   config.small_contrast, config.small_radius) for _ in range(n_images)]
 
 
 @torch.no_grad()
@@ -390,7 +392,7 @@ def diagnose(model, processor, world, n_images=200, seed=30_000, noise_step=500,
     groups = {"present": ([], []), "absent partner": ([], [])}
     for _ in range(n_images):
         scene = sample_scene(world, rng, config.partner_rate)
-        image, present = render(scene, world, config.image_size, config.contrast, config.small_radius), scene_objects(scene)
+        image, present = render(scene, world, config.image_size, config.contrast, config.small_contrast, config.small_radius), scene_objects(scene)
         groups["present"][0].append(image), groups["present"][1].append(rng.choice(present))
         partners = [world["partner"][n] for n in present if world["partner"][n] not in present]
         if partners:
@@ -401,3 +403,64 @@ def diagnose(model, processor, world, n_images=200, seed=30_000, noise_step=500,
         distorted = yes_probability(model, processor, images, names, noise_step, seed).mean().item()
         result[group] = {"clean": clean, "distorted": distorted, "n": len(names)}
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: build once, then reload with from_pretrained like a real checkpoint
+
+CACHE_VERSION = 1  # bump when a change to this file changes the world or its training
+
+
+def cache_dir(config):
+    """$XDG_CACHE_HOME/seed-toyworld/<hash of every setting>: one folder per world and training."""
+    key = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **asdict(config)}, sort_keys=True).encode())
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "seed-toyworld", key.hexdigest()[:16])
+
+
+def _publish(tmp, final):
+    """Move a fully written folder into place; readers only trust folders with a COMPLETE marker."""
+    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+        f.write("ok\n")
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def build(config=None, progress=True):
+    """Return (checkpoint folder, world): pretrain and save the toy LLaVA, or reuse the cached one.
+
+    A crash mid-save leaves only a *.tmp-<pid> folder without the COMPLETE marker, never loaded.
+    """
+    config = config or WorldConfig()
+    world = make_world(config.world_seed, config.n_classes)
+    final = cache_dir(config)
+    if os.path.exists(os.path.join(final, "COMPLETE")):
+        return final, world
+    start = time.time()
+    processor = make_processor(config.image_size)
+    model = make_model(processor.tokenizer, config.image_size, seed=config.seed)
+    pretrain(model, processor, world, config, progress)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "world.json"), "w") as f:
+        json.dump({"config": asdict(config), "world": world, "pretrain_seconds": time.time() - start}, f, indent=1)
+    _publish(tmp, final)
+    return final, world
+
+
+def eval_set(world_dir, n_images, world, config=None):
+    """(POPE files by split, image folder, true objects by image) for n held-out images, cached."""
+    folder = os.path.join(world_dir, f"pope{n_images}")
+    if not os.path.exists(os.path.join(folder, "COMPLETE")):
+        tmp = f"{folder}.tmp-{os.getpid()}"
+        write_eval_set(world, tmp, n_images, config=config)
+        _publish(tmp, folder)
+    import eval_pope
+
+    files = {split: os.path.join(folder, f"toy_pope_{split}.json") for split in eval_pope.SPLITS}
+    with open(os.path.join(folder, "objects.json")) as f:
+        objects = json.load(f)
+    return files, os.path.join(folder, "images"), objects

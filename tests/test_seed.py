@@ -1,0 +1,150 @@
+"""seed.py: the SEED step on both families of the paper (LLaVA, InternVL), evolve, resume."""
+import json
+import os
+
+import pytest
+import torch
+
+import adapter
+import losses
+import purge
+import seed
+from conftest import tiny_internvl
+
+
+def llava_batch(processor, images_count=3):
+    import toyworld
+
+    world = toyworld.make_world(0)
+    images = toyworld.unlabeled_images(world, images_count, seed=1)
+    examples = [{"image": i, "prompt": seed.probe_text("cat"), "response": processor.tokenizer(" yes").input_ids + [3]}
+                for i in range(images_count)]
+    examples.append({"image": 0, "prompt": "Describe the image.",
+                     "response": processor.tokenizer(" there is a cat and a dog .").input_ids + [3]})
+    return seed.collate(examples, processor, images), examples, images
+
+
+def internvl_batch(model, batch=2):
+    """Input ids with the image placeholders InternVL expects, and a response at the end of each row."""
+    n_image_tokens = seed.image_features(model, torch.zeros(1, 3, 32, 32)).shape[0]
+    g = torch.Generator().manual_seed(0)
+    rows = [[7, 8] + [model.config.image_token_id] * n_image_tokens + torch.randint(10, 60, (5 + i,), generator=g).tolist()
+            for i in range(batch)]
+    length = max(map(len, rows))
+    input_ids = torch.zeros(batch, length, dtype=torch.long)
+    attention_mask = torch.zeros(batch, length, dtype=torch.long)
+    response_mask = torch.zeros(batch, length, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        attention_mask[i, :len(row)] = 1
+        response_mask[i, len(row) - 3:len(row)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+
+
+def check_seed_step_moves_only_the_adapter(model, batch, loss):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = adapter.add_adapter(model, rank=4)
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    values = []
+    for step in range(3):
+        value, teacher, student = seed.seed_step(model, batch, loss, generator=torch.Generator().manual_seed(step))
+        assert torch.isfinite(value) and student.shape == teacher.shape
+        assert student.shape[0] == int(batch["response_mask"][:, 1:].sum())  # response positions only
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        values.append(value.item())
+    assert values[0] >= 0 and values[-1] != values[0]
+    changed = {n.replace(".base.", ".") for n, p in model.named_parameters()
+               if n.replace(".base.", ".") in before and not torch.equal(p, before[n.replace(".base.", ".")])}
+    assert not changed
+    assert all(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if n.endswith(".B"))
+
+
+@pytest.mark.parametrize("loss", ["reverse", "forward"])
+def test_seed_step_on_tiny_llava(llava, processor, loss):
+    batch, _, _ = llava_batch(processor)
+    check_seed_step_moves_only_the_adapter(llava, batch, loss)
+
+
+@pytest.mark.parametrize("loss", ["reverse", "forward"])
+def test_seed_step_on_tiny_internvl(loss):
+    model = tiny_internvl()
+    check_seed_step_moves_only_the_adapter(model, internvl_batch(model), loss)
+
+
+def test_response_logits_equal_the_full_forward_at_response_positions(llava, processor):
+    batch, _, _ = llava_batch(processor)
+    with torch.no_grad():
+        full = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"]).logits
+        features = seed.image_features(llava, batch["pixel_values"])
+        fast = seed.response_logits(llava, batch["input_ids"], batch["attention_mask"], features,
+                                    batch["response_mask"])
+    torch.testing.assert_close(fast, full[:, :-1][batch["response_mask"][:, 1:]], rtol=1e-5, atol=1e-5)
+
+
+def test_seed_step_teacher_is_the_purified_base(llava, processor):
+    """At init the student equals the base; the teacher is purify(clean, distorted) of the base."""
+    batch, _, _ = llava_batch(processor)
+    adapter.add_adapter(llava)
+    value, teacher, student = seed.seed_step(llava, batch, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = llava(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
+        noisy = purge.distort(batch["pixel_values"], 500, torch.Generator().manual_seed(5))
+        full_distorted = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               pixel_values=noisy).logits
+    at = batch["response_mask"][:, 1:]
+    expected = purge.purify(full[:, :-1][at], full_distorted[:, :-1][at])
+    assert torch.equal(torch.isinf(teacher), torch.isinf(expected))
+    torch.testing.assert_close(teacher[~torch.isinf(teacher)], expected[~torch.isinf(expected)], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(student, full[:, :-1][at], rtol=1e-5, atol=1e-5)
+    assert value.item() == pytest.approx(losses.reverse_kl(student, teacher).item())
+
+
+def small_evolve(model, processor, out_dir, **kwargs):
+    import toyworld
+
+    world = toyworld.make_world(0)
+    images = toyworld.unlabeled_images(world, 6, seed=2)
+    options = dict(rounds=1, steps=6, batch_size=4, probes_per_image=2, max_new_tokens=4, checkpoint_every=2,
+                   progress=False)
+    options.update(kwargs)
+    return seed.evolve(model, processor, images, world["names"], out_dir, **options)
+
+
+def test_two_round_evolve_merges_twice(llava, processor, tmp_path):
+    model, history = small_evolve(llava, processor, str(tmp_path), rounds=2)
+    assert [h["round"] for h in history] == [0, 1]
+    assert not adapter.adapter_layers(model)  # merged: a plain model again
+    assert os.path.exists(tmp_path / "round0" / "adapter.safetensors")
+    assert os.path.exists(tmp_path / "round1" / "adapter.safetensors")
+    assert all(len(h["log"]) == 6 and 0 <= h["void_mass"] <= 1 for h in history)
+
+
+def test_resume_equals_an_uninterrupted_run(processor, tmp_path, monkeypatch):
+    import toyworld
+
+    whole = toyworld.make_model(processor.tokenizer, seed=0)
+    small_evolve(whole, processor, str(tmp_path / "whole"))
+
+    real_save = seed.save_checkpoint
+
+    def crash_after_step_four(model, optimizer, path, round_index, step):
+        real_save(model, optimizer, path, round_index, step)
+        if step == 4:
+            raise KeyboardInterrupt  # the run dies right after its step-4 checkpoint
+
+    monkeypatch.setattr(seed, "save_checkpoint", crash_after_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        small_evolve(toyworld.make_model(processor.tokenizer, seed=0), processor, str(tmp_path / "part"))
+    monkeypatch.undo()
+    progress = json.loads((tmp_path / "part" / "checkpoint" / "progress.json").read_text())
+    assert (progress["round"], progress["step"]) == (0, 4)
+
+    resumed = toyworld.make_model(processor.tokenizer, seed=0)
+    _, history = small_evolve(resumed, processor, str(tmp_path / "part"), resume=True)
+    assert [x["step"] for x in history[0]["log"]] == [4, 5]  # only the missing steps ran
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,268 @@
+"""SEED end to end: evaluate a model, self-evolve it with SEED, evaluate again, print the paper's table.
+
+Paper: "Identify, Isolate, and Purge: Mitigating Hallucinations in LVLMs via Self-Evolving
+Distillation" (SEED), arXiv 2507.04680. This script composes METHOD.md sections 1-6:
+purge.py (identify, isolate, purge), losses.py (Mode-Seeking Evolving), adapter.py (Hallucination
+Elimination Adapter), seed.py (self-evolution rounds) and eval_pope.py (POPE).
+
+    python train.py                                  # the built-in toy world, CPU, a few minutes
+    python train.py --model llava-1.5-7b-hf --images unlabeled/ --pope pope/ --pope-images val2014/
+
+Rows of the table: base; VCD decoding (the contrast at inference, two passes per token); SEED with
+forward KL (classic distillation, the paper's ablation); SEED with reverse KL (the paper).
+Everything printed is also in <out>/results.json. Not from the paper (ours): the toy world, the
+step counts and learning rate, CHAIR-style caption figures on the toy world only.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import eval_pope
+import seed
+
+COCO_OBJECTS = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
+    "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie "
+    "suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard "
+    "tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot "
+    "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
+    "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
+    "toothbrush").replace("_", " ").split(" ")
+
+
+@dataclass
+class Config:
+    model: str = field(default=None, metadata={"help": "local LLaVA-1.5 / InternVL checkpoint in transformers form; "
+                                                       "none: the built-in toy world (ours)"})
+    images: str = field(default=None, metadata={"help": "folder of unlabeled images for SEED (with --model)"})
+    pope: str = field(default=None, metadata={"help": "folder holding *_pope_{random,popular,adversarial}.json"})
+    pope_images: str = field(default=None, metadata={"help": "folder of the POPE questions' images"})
+    objects: str = field(default=None, metadata={"help": "text file, one object name a line, to probe on the "
+                                                         "unlabeled images (default: the 80 COCO classes)"})
+    world_seed: int = field(default=0, metadata={"help": "toy world: which world (classes, glyphs, partners)"})
+    pretrain_steps: int = field(default=1800, metadata={"help": "toy world: pretraining steps of the base model"})
+    seed: int = field(default=0, metadata={"help": "seed of everything else (adapter init, batches, noise)"})
+    rounds: int = field(default=1, metadata={"help": "self-evolution rounds (METHOD.md 5; paper: 1)"})
+    steps: int = field(default=300, metadata={"help": "SEED optimiser steps per round (ours)"})
+    loss: str = field(default="both", metadata={"help": "reverse (SEED), forward (classic KD) or both (the "
+                                                        "paper's ablation)", "choices": ["both", "reverse", "forward"]})
+    batch_size: int = field(default=32, metadata={"help": "SEED examples per step (ours)"})
+    lr: float = field(default=2e-3, metadata={"help": "adapter learning rate, AdamW (ours)"})
+    rank: int = field(default=8, metadata={"help": "adapter rank r (ours, LoRA's common value)"})
+    adapter_alpha: float = field(default=16.0, metadata={"help": "adapter scale alpha_r; update = alpha_r / r B A"})
+    alpha: float = field(default=1.0, metadata={"help": "contrast strength: c = (1 + alpha) z - alpha z' (VCD)"})
+    beta: float = field(default=0.1, metadata={"help": "plausibility cut: keep p >= beta p_max (VCD)"})
+    noise_step: int = field(default=500, metadata={"help": "diffusion step k of the distortion, 0..999 (VCD)"})
+    unlabeled: int = field(default=400, metadata={"help": "toy world: unlabeled images for SEED"})
+    probes_per_image: int = field(default=6, metadata={"help": "yes/no probes the model answers per unlabeled image"})
+    eval_images: int = field(default=250, metadata={"help": "toy world: held-out POPE images (6 questions each)"})
+    sample_seeds: int = field(default=3, metadata={"help": "seeds for sampled decoding (mean and spread)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "questions per forward pass in evaluation"})
+    checkpoint_every: int = field(default=50, metadata={"help": "write adapter + optimiser every N steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from <out>/<run>/checkpoint and keep answers"})
+    out: str = field(default="out", metadata={"help": "where answers, adapters and results.json go"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when there is one)"})
+    progress: bool = field(default=True, metadata={"help": "tqdm bars (--no-progress to silence them)"})
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" or f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default: {f.default})",
+                                choices=f.metadata.get("choices"))
+    args = parser.parse_args(argv)
+    if args.model and not (args.images and args.pope and args.pope_images):
+        parser.error("--model needs --images, --pope and --pope-images (no data is downloaded)")
+    return Config(**vars(args))
+
+
+def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decodings=("greedy", "sample"),
+             contrast=False):
+    """POPE metrics: {decoding: {split: metrics}}; sampled decodings are the mean over seeds, with f1_std."""
+    results, seconds, answered = {}, 0.0, 0
+    for decoding in decodings:
+        name = ("vcd-greedy" if decoding == "greedy" else "vcd") if contrast else decoding
+        seeds = range(config.sample_seeds) if decoding == "sample" else [0]
+        results[decoding] = {}
+        for split, question_file in pope_files.items():
+            runs = []
+            for s in seeds:
+                path = os.path.join(answers_dir, f"{name}_{split}_seed{s}.jsonl")
+                if not config.resume and os.path.exists(path):
+                    os.remove(path)  # a fresh run starts from no answers; --resume keeps them
+                start = time.perf_counter()
+                answers = eval_pope.answer_questions(model, processor, question_file, image_dir, path, name,
+                                                     config.eval_batch_size, seed=s, max_new_tokens=4,
+                                                     progress=config.progress)
+                if decoding == "greedy":  # answer cost: seconds per answer of the greedy pass
+                    seconds, answered = seconds + time.perf_counter() - start, answered + len(answers)
+                runs.append(eval_pope.score_files(question_file, path))
+            metrics = {k: statistics.mean(r[k] for r in runs) for k in ("accuracy", "precision", "recall", "f1",
+                                                                           "yes_ratio")}
+            if decoding == "sample":
+                metrics["f1_std"] = statistics.pstdev(r["f1"] for r in runs)
+            results[decoding][split] = metrics
+    return results, seconds / max(answered, 1)
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    # bf16 weights and autocast on a GPU (one copy of the weights: the teacher is the adapter off);
+    # float32 on the CPU, where bf16 is slow and the toy model is tiny.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    os.makedirs(config.out, exist_ok=True)
+
+    # ---- data and base model -------------------------------------------------------------------
+    caption_set = None
+    if config.model is None:
+        import toyworld
+
+        world_config = toyworld.WorldConfig(world_seed=config.world_seed, steps=config.pretrain_steps)
+        model_path, world = toyworld.build(world_config, progress=config.progress)
+        pope_files, image_dir, objects_by_image = toyworld.eval_set(model_path, config.eval_images, world, world_config)
+        unlabeled = toyworld.unlabeled_images(world, config.unlabeled, seed=config.seed + 20_000, config=world_config)
+        object_names = list(world["names"])
+        description = toyworld.DESCRIBE
+        caption_set = (image_dir, objects_by_image, object_names)
+    else:
+        from PIL import Image
+
+        model_path, image_dir = config.model, config.pope_images
+        pope_files = {s: os.path.join(config.pope, n) for n in sorted(os.listdir(config.pope))
+                      for s in eval_pope.SPLITS if n.endswith(f"_pope_{s}.json")}
+        names = sorted(n for n in os.listdir(config.images) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+        unlabeled = [Image.open(os.path.join(config.images, n)).convert("RGB") for n in names]
+        object_names = (open(config.objects).read().split("\n") if config.objects else list(COCO_OBJECTS))
+        object_names = [n.strip() for n in object_names if n.strip()]
+        description = "Describe this image in detail."
+    print(f"device {device}, dtype {dtype}; model {model_path}; {len(unlabeled)} unlabeled images; "
+          f"POPE splits {sorted(pope_files)}")
+
+    results = {"config": dataclasses.asdict(config)}
+
+    def save_results():
+        tmp = os.path.join(config.out, "results.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, os.path.join(config.out, "results.json"))
+
+    def load():
+        model, processor = eval_pope.load_model(model_path, device, dtype)
+        return model, processor
+
+    def measure(method, model, processor, contrast=False):
+        answers_dir = os.path.join(config.out, method, "answers")
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            pope, seconds = evaluate(model, processor, pope_files, image_dir, answers_dir, config, contrast=contrast)
+            if caption_set is not None:
+                pope["captions"] = caption_hallucination(model, processor, *caption_set, contrast=contrast)
+        pope["seconds_per_answer"] = seconds
+        results[method] = pope
+        save_results()
+
+    # ---- base model and VCD decoding -----------------------------------------------------------
+    model, processor = load()
+    if config.model is None:  # why the contrast can work: what survives distortion is the prior
+        results["diagnostic"] = toyworld.diagnose(model, processor, world, noise_step=config.noise_step,
+                                                  config=world_config)
+        print(f"mean P(yes), clean -> distorted (k={config.noise_step}): " + ", ".join(
+            f"{group} {d['clean']:.2f} -> {d['distorted']:.2f}" for group, d in results["diagnostic"].items()))
+    measure("base", model, processor)
+    measure("vcd", model, processor, contrast=True)
+
+    # ---- SEED: self-evolve a fresh copy of the base model with each loss -----------------------
+    losses_to_run = ["forward", "reverse"] if config.loss == "both" else [config.loss]
+    for loss in losses_to_run:
+        method = f"seed_{loss}"
+        model, processor = load()
+        model, history = seed.evolve(
+            model, processor, unlabeled, object_names, os.path.join(config.out, method), rounds=config.rounds,
+            steps=config.steps, loss=loss, batch_size=config.batch_size, lr=config.lr, rank=config.rank,
+            adapter_alpha=config.adapter_alpha, alpha=config.alpha, beta=config.beta, noise_step=config.noise_step,
+            probes_per_image=config.probes_per_image, description=description,
+            checkpoint_every=config.checkpoint_every, resume=config.resume, seed=config.seed,
+            autocast_dtype=autocast, progress=config.progress)
+        measure(method, model, processor)
+        results[method]["void_mass"] = [h["void_mass"] for h in history]
+        results[method]["void_mass_at_start"] = [h["void_mass_at_start"] for h in history]
+        results[method]["final_loss"] = [statistics.mean(x["loss"] for x in h["log"][-20:]) for h in history]
+        save_results()
+
+    # ---- the table -----------------------------------------------------------------------------
+    print(format_results(results, list(pope_files)))
+    print(f"\nall numbers: {os.path.join(config.out, 'results.json')}")
+    return results
+
+
+def caption_hallucination(model, processor, image_dir, objects_by_image, object_names, contrast=False, batch_size=64):
+    """CHAIR-style figures on held-out descriptions: share of mentioned objects not in the scene
+    (chair_i) and share of captions with any (chair_s). Toy world only: it needs true contents."""
+    from PIL import Image
+
+    names = sorted(objects_by_image)
+    mentioned_total = hallucinated_total = captions_with_any = 0
+    processor.tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    for start in range(0, len(names), batch_size):
+        chunk = names[start:start + batch_size]
+        images = [Image.open(os.path.join(image_dir, n)).convert("RGB") for n in chunk]
+        prompt = eval_pope.chat_prompt(processor, "Describe the image.")
+        inputs = processor(images=images, text=[prompt] * len(chunk), return_tensors="pt", padding=True).to(device)
+        generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+        ids = eval_pope.generate(model, inputs, 24, contrast=contrast, generators=generators,
+                                 eos_token_id=processor.tokenizer.eos_token_id)
+        for name, row in zip(chunk, ids):
+            words = set(processor.tokenizer.decode(row, skip_special_tokens=True).split())
+            mentioned = [o for o in object_names if o in words]
+            hallucinated = [o for o in mentioned if o not in objects_by_image[name]]
+            mentioned_total += len(mentioned)
+            hallucinated_total += len(hallucinated)
+            captions_with_any += bool(hallucinated)
+    return {"chair_i": hallucinated_total / max(mentioned_total, 1), "chair_s": captions_with_any / len(names)}
+
+
+def format_results(results, splits):
+    """One table: F1 and yes-ratio (greedy) and F1 (sampled, mean +- std) per split, plus the side figures."""
+    methods = [m for m in ("base", "vcd", "seed_forward", "seed_reverse") if m in results]
+    labels = {"base": "base", "vcd": "VCD decoding", "seed_forward": "SEED forward KL", "seed_reverse": "SEED reverse KL"}
+    head = f"{'':<17}" + "".join(f"{s:^33}" for s in splits) + f"{'captions':^16}{'void':>7}{'cost':>6}"
+    sub = f"{'POPE (%)':<17}" + "".join(f"{'F1 gr':>8}{'yes gr':>8}{'F1 sample':>17}" for _ in splits)
+    sub += f"{'CHAIRi':>8}{'CHAIRs':>8}{'mass':>7}{'x':>6}"
+    lines = [head, sub]
+    base_cost = results["base"]["seconds_per_answer"]
+    for m in methods:
+        r = results[m]
+        row = f"{labels[m]:<17}"
+        for s in splits:
+            g, sm = r["greedy"][s], r["sample"][s]
+            row += f"{100 * g['f1']:>8.1f}{100 * g['yes_ratio']:>8.1f}{100 * sm['f1']:>11.1f} ± {100 * sm['f1_std']:<3.1f}"
+        c = r.get("captions")
+        row += f"{100 * c['chair_i']:>8.1f}{100 * c['chair_s']:>8.1f}" if c else f"{'-':>8}{'-':>8}"
+        row += f"{100 * r['void_mass'][-1]:>6.2f}%" if "void_mass" in r else f"{'-':>7}"
+        row += f"{r['seconds_per_answer'] / base_cost:>6.2f}"
+        lines.append(row)
+    lines.append("F1 gr / yes gr: greedy decoding; F1 sample: temperature 1, top-p 1, mean ± std over seeds. "
+                 "void mass: student probability on the purified teacher's voids (held-out SEED prompts). "
+                 "cost: seconds per POPE answer relative to base.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
