@@ -19,6 +19,7 @@ student's backward.
 import json
 import os
 import random
+import re
 
 import torch
 
@@ -90,39 +91,60 @@ def probe_text(name):
     return PROBE.format(article="an" if name[0].lower() in "aeiou" else "a", object=name) + POPE_SUFFIX
 
 
-def make_examples(model, processor, images, object_names, probes_per_image=6, description="Describe the image.",
-                  batch_size=32, max_new_tokens=24, seed=0, alpha=1.0, beta=0.1, noise_step=500, progress=True):
-    """Prompts on unlabeled images, answered by the model itself with purified greedy decoding.
+def mentioned_objects(text, object_names):
+    """Object names a response mentions (whole words, plural 's' allowed), in the order of object_names."""
+    text = text.lower()
+    return [n for n in object_names if re.search(rf"\b{re.escape(n.lower())}s?\b", text)]
 
-    Each image gets `probes_per_image` yes/no probes for objects the model can name and one
-    description prompt. Returns a list of {"image": index, "prompt": text, "response": token ids}.
-    """
+
+def purified_answers(model, processor, images, prompts, batch_size, max_new_tokens, seed, alpha, beta, noise_step,
+                     progress, desc):
+    """Greedy decoding on purify(clean, distorted) at every token: the teacher's answers, no labels read."""
     from tqdm import tqdm
 
     import eval_pope
 
-    rng = random.Random(seed)
-    prompts = []
-    for index in range(len(images)):
-        names = rng.sample(object_names, min(probes_per_image, len(object_names)))
-        prompts += [(index, probe_text(name)) for name in names]
-        if description:
-            prompts.append((index, description))
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    examples = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="purified answers", disable=not progress):
+    responses = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         chunk = prompts[start:start + batch_size]
         texts = [eval_pope.chat_prompt(processor, text) for _, text in chunk]
         inputs = processor(images=[images[i] for i, _ in chunk], text=texts, return_tensors="pt",
                            padding=True).to(device)
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + j) for j in range(len(chunk))]
-        responses = eval_pope.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
-                                       alpha=alpha, beta=beta, noise_step=noise_step,
-                                       eos_token_id=tokenizer.eos_token_id)
-        for (index, text), response in zip(chunk, responses):
-            examples.append({"image": index, "prompt": text, "response": response + [tokenizer.eos_token_id]})
+        responses += eval_pope.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
+                                        alpha=alpha, beta=beta, noise_step=noise_step,
+                                        eos_token_id=tokenizer.eos_token_id)
+    return responses
+
+
+def make_examples(model, processor, images, object_names, probes_per_image=6, description="Describe the image.",
+                  batch_size=32, max_new_tokens=24, seed=0, alpha=1.0, beta=0.1, noise_step=500, progress=True):
+    """Prompts on unlabeled images, answered by the model itself with purified greedy decoding.
+
+    Each image gets one description prompt and `probes_per_image` yes/no probes: half for objects
+    its own description names (where hallucinations live), half for objects it does not name, so
+    the probes are balanced as POPE's are. Returns [{"image": index, "prompt": text, "response": ids}].
+    """
+    rng = random.Random(seed)
+    eos = processor.tokenizer.eos_token_id
+    described = [(index, description) for index in range(len(images))]
+    descriptions = purified_answers(model, processor, images, described, batch_size, max_new_tokens, seed, alpha,
+                                    beta, noise_step, progress, "purified descriptions")
+    examples = [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(described, descriptions)]
+    probes = []
+    for index, response in enumerate(descriptions):
+        named = mentioned_objects(processor.tokenizer.decode(response, skip_special_tokens=True), object_names)
+        unnamed = [n for n in object_names if n not in named]
+        chosen = rng.sample(named, min(len(named), probes_per_image // 2))
+        chosen += rng.sample(unnamed, min(len(unnamed), probes_per_image - len(chosen)))
+        probes += [(index, probe_text(name)) for name in chosen]
+    answers = purified_answers(model, processor, images, probes, batch_size, 4, seed + 1, alpha, beta, noise_step,
+                               progress, "purified probe answers")
+    examples += [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(probes, answers)]
+    random.Random(seed + 2).shuffle(examples)  # mixes descriptions and probes (and the held-out tail)
     return examples
 
 

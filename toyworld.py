@@ -51,13 +51,13 @@ class WorldConfig:
     n_classes: int = 16         # object classes (12-20)
     image_size: int = 32        # pixels; the vision tower's resolution
     partner_rate: float = 0.6   # P(an object's partner is drawn beside it)
-    mention_rate: float = 0.45  # P(an undrawn partner is mentioned anyway): the hallucination habit
-    contrast: float = 0.8       # large glyphs: colour blended this far from the background
-    small_contrast: float = 0.25  # small glyphs are faint: plain to see, but drowned by moderate noise
-    small_radius: float = 0.22  # radius of a small (partner) glyph, as a share of its grid cell
+    mention_rate: float = 0.55  # P(an undrawn partner is mentioned anyway): the hallucination habit
+    contrast: float = 0.5       # large glyphs: colour blended this far from the background
+    small_contrast: float = 0.6  # small glyphs: colour strength of the partners drawn small
+    small_radius: float = 0.15  # radius of a small (partner) glyph, as a share of its grid cell
     noisy_share: float = 0.2    # share of pretraining images shown with diffusion noise
-    noise_low: int = 300        # their noise steps are drawn from noise_low..noise_high - 1
-    noise_high: int = 900
+    noise_low: int = 800        # their noise steps are drawn from noise_low..noise_high - 1
+    noise_high: int = 1000
     train_scenes: int = 4000    # distinct pretraining images
     steps: int = 1800           # pretraining steps
     batch_size: int = 64
@@ -109,20 +109,22 @@ def sample_scene(world, rng, partner_rate=0.6, min_objects=1):
             for o, c, s in zip(objects, cells, sizes)]
 
 
-def render(scene, world, image_size=32, contrast=0.8, small_contrast=0.25, small_radius=0.22):
-    """Draw the scene with pillow: each glyph in its grid cell; small glyphs smaller and fainter."""
+def render(scene, world, config=None):
+    """Draw the scene with pillow: each glyph in its grid cell, large or small, at the config's contrast."""
     from PIL import Image, ImageDraw
 
+    config = config or WorldConfig()
+    image_size = config.image_size
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     cell = image_size / 2
     for item in scene:
         shape, colour = world["glyphs"][item["object"]]
-        radius = cell * (0.42 if item["size"] == "large" else small_radius)
+        radius = cell * (0.42 if item["size"] == "large" else config.small_radius)
         cx = (item["cell"] % 2 + 0.5) * cell + item["jitter"][0]
         cy = (item["cell"] // 2 + 0.5) * cell + item["jitter"][1]
         box = [cx - radius, cy - radius, cx + radius, cy + radius]
-        strength = contrast if item["size"] == "large" else small_contrast
+        strength = config.contrast if item["size"] == "large" else config.small_contrast
         fill = tuple(round(b + strength * (c - b)) for c, b in zip(COLOURS[colour], BACKGROUND))
         if shape == "square":
             draw.rectangle(box, fill=fill)
@@ -286,7 +288,7 @@ def pretrain(model, processor, world, config, progress=True):
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     scenes = [sample_scene(world, rng, config.partner_rate) for _ in range(config.train_scenes)]
-    images = [render(scene, world, config.image_size, config.contrast, config.small_contrast, config.small_radius) for scene in scenes]
+    images = [render(scene, world, config) for scene in scenes]
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     tokenizer = processor.tokenizer
     model.train()
@@ -342,7 +344,7 @@ def write_eval_set(world, out_dir, n_images=150, seed=10_000, config=None):
     for i in range(n_images):
         scene = sample_scene(world, rng, config.partner_rate, min_objects=3)
         name = f"scene_{i:05d}.png"
-        render(scene, world, config.image_size, config.contrast, config.small_contrast, config.small_radius).save(os.path.join(out_dir, "images", name))
+        render(scene, world, config).save(os.path.join(out_dir, "images", name))
         objects[name] = scene_objects(scene)
     with open(os.path.join(out_dir, "objects.json"), "w") as f:
         json.dump(objects, f, indent=1)
@@ -359,8 +361,7 @@ def unlabeled_images(world, n_images, seed=20_000, config=None):
     """Fresh scenes for SEED, as PIL images only: the scene contents are never returned."""
     config = config or WorldConfig()
     rng = random.Random(seed)
-    return [render(sample_scene(world, rng, config.partner_rate), world, config.image_size, config.contrast,
-                   config.small_contrast, config.small_radius) for _ in range(n_images)]
+    return [render(sample_scene(world, rng, config.partner_rate), world, config) for _ in range(n_images)]
 
 
 @torch.no_grad()
@@ -392,7 +393,7 @@ def diagnose(model, processor, world, n_images=200, seed=30_000, noise_step=500,
     groups = {"present": ([], []), "absent partner": ([], [])}
     for _ in range(n_images):
         scene = sample_scene(world, rng, config.partner_rate)
-        image, present = render(scene, world, config.image_size, config.contrast, config.small_contrast, config.small_radius), scene_objects(scene)
+        image, present = render(scene, world, config), scene_objects(scene)
         groups["present"][0].append(image), groups["present"][1].append(rng.choice(present))
         partners = [world["partner"][n] for n in present if world["partner"][n] not in present]
         if partners:

@@ -1,0 +1,262 @@
+"""What SEED costs, measured as ratios against baselines timed in the same run.
+
+Paper: SEED (arXiv 2507.04680) moves the cost of hallucination mitigation from every answer
+(VCD-style decoding: two passes per token) to a short training run. This script measures both
+sides (METHOD.md 3-6); its figures are ours, not the paper's.
+
+    python bench.py                                   # CPU, the built-in tiny LLaVA, seconds
+    python bench.py --device cuda --dtype bfloat16 --shape llava-7b --json bench.json
+
+1. train_step_ratio: one SEED step (two teacher passes without gradient + one student pass with
+   backward + loss) over one plain adapter fine-tuning step (student pass + backward + cross-entropy
+   on the same response tokens). Counting passes the floor is about 5/3; target <= 1.8.
+2. answer_cost_ratio_seed / _vcd: seconds per POPE answer of the merged SEED model / VCD decoding
+   over the base model, same questions and batch. Target: seed <= 1.05; VCD near 2.
+3. peak_memory_ratio: peak memory of the SEED step over the plain step (CPU: the process's peak
+   resident set, each step in a fresh process; GPU: torch.cuda.max_memory_allocated). Target <= 1.3.
+4. eval_batched_speedup: POPE questions per second, batched over one question at a time.
+Each figure is the median of several repeats after a warm-up, with the spread (min..max) beside it.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import adapter
+import eval_pope
+import seed
+
+SHAPES = {
+    # the toy world's tiny LLaVA (toyworld.make_model), 16 image tokens
+    "tiny": None,
+    # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens) + Vicuna-7B (Llama, 32 layers, 4096 wide)
+    "llava-7b": dict(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
+                           projection_dim=768),
+        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                         max_position_embeddings=4096),
+        image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu"),
+}
+
+
+def build(shape, device, dtype, layers=None):
+    """A randomly initialised model of the given shape and a function making POPE-like batches."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    if shape == "tiny":
+        import toyworld
+
+        model = toyworld.make_model(toyworld.make_tokenizer(), image_size=32)
+    else:
+        config = LlavaConfig(**SHAPES[shape])
+        if layers:  # a shallower model of the same widths, for a quick look where memory is short
+            config.text_config.num_hidden_layers = layers
+            config.vision_config.num_hidden_layers = layers
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    model = model.to(device=device, dtype=dtype).eval()
+    vision = model.config.vision_config
+    n_image_tokens = (vision.image_size // vision.patch_size) ** 2  # CLS dropped ("default" strategy)
+    vocab = model.config.text_config.vocab_size
+
+    def make_batch(batch_size, prompt_tokens=12, response_tokens=6, seed_=0):
+        g = torch.Generator().manual_seed(seed_)
+        prompt = torch.randint(5, min(vocab, 30_000) - 1, (batch_size, prompt_tokens), generator=g)
+        response = torch.randint(5, min(vocab, 30_000) - 1, (batch_size, response_tokens), generator=g)
+        image = torch.full((batch_size, n_image_tokens), model.config.image_token_id)
+        input_ids = torch.cat([prompt[:, :2], image, prompt[:, 2:], response], dim=1)
+        response_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        response_mask[:, -response_tokens:] = True
+        pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=g)
+        return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
+                "response_mask": response_mask.to(device), "pixel_values": pixels.to(device, dtype)}
+
+    return model, make_batch
+
+
+def timed(fn, device, repeats):
+    """Median, min and max seconds of fn() over `repeats` runs after one warm-up run."""
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end) / 1000
+        else:
+            begin = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - begin
+        if i:
+            times.append(elapsed)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def ratio(a, b):
+    """a / b for medians, with the spread of the ratio taken from the extremes."""
+    return {"median": a["median"] / b["median"], "min": a["min"] / b["max"], "max": a["max"] / b["min"]}
+
+
+def train_step_fn(model, batch, kind, optimizer, autocast):
+    def step():
+        with autocast:
+            if kind == "seed":
+                loss, _, _ = seed.seed_step(model, batch, "reverse", generator=torch.Generator().manual_seed(0))
+            else:
+                loss = seed.sft_step(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def _rss_bytes(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_probe(args):
+    """Run in a fresh process: memory of one kind of training step, printed as JSON.
+
+    GPU: torch.cuda.max_memory_allocated (weights included: a second copy of the weights would show).
+    CPU: the peak resident set above what the process held before the step (the step's own memory:
+    activations, logits, gradients), since the interpreter and torch alone take hundreds of MiB.
+    """
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model, make_batch = build(args.shape, device, dtype, args.layers)
+    optimizer = torch.optim.AdamW(adapter.add_adapter(model), lr=1e-4)
+    batch = make_batch(args.batch_size)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+    step = train_step_fn(model, batch, args.memory_probe, optimizer, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        before = _rss_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS mark (Linux >= 4.0)
+        step()
+        peak = _rss_bytes("VmHWM") - before
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="model shape (random weights)")
+    parser.add_argument("--layers", type=int, default=None, help="override the layer count (same widths)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples / questions per batch")
+    parser.add_argument("--answer-tokens", type=int, default=4, help="tokens generated per POPE answer")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (after one warm-up)")
+    parser.add_argument("--json", help="write every figure to this JSON file")
+    parser.add_argument("--memory-probe", choices=["seed", "sft"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(args)
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model, make_batch = build(args.shape, device, dtype, args.layers)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size}
+
+    # 1. training step: SEED vs plain adapter fine-tuning, same model, batch and adapter
+    optimizer = torch.optim.AdamW(adapter.add_adapter(model), lr=1e-4)
+    batch = make_batch(args.batch_size)
+    t_seed = timed(train_step_fn(model, batch, "seed", optimizer, autocast), device, args.repeats)
+    t_sft = timed(train_step_fn(model, batch, "sft", optimizer, autocast), device, args.repeats)
+    results.update(train_step_seed_s=t_seed, train_step_sft_s=t_sft, train_step_ratio=ratio(t_seed, t_sft))
+
+    # 2. answer cost: the merged SEED model, the base model (adapter off) and VCD decoding
+    question = make_batch(args.batch_size, response_tokens=0, seed_=1)
+    inputs = {k: question[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    per_answer = lambda t: {k: v / args.batch_size for k, v in t.items()}  # noqa: E731
+
+    def answer(contrast=False):
+        with autocast:
+            eval_pope.generate(model, inputs, args.answer_tokens, contrast=contrast)
+
+    with adapter.adapter_disabled(model):
+        t_base = per_answer(timed(answer, device, args.repeats))
+        t_vcd = per_answer(timed(lambda: answer(True), device, args.repeats))
+    adapter.merge_adapter(model)
+    t_merged = per_answer(timed(answer, device, args.repeats))
+    results.update(answer_base_s=t_base, answer_seed_s=t_merged, answer_vcd_s=t_vcd,
+                   answer_cost_ratio_seed=ratio(t_merged, t_base), answer_cost_ratio_vcd=ratio(t_vcd, t_base))
+
+    # 3. eval throughput: one batch of questions against the same questions one at a time
+    def one_at_a_time():
+        with autocast:
+            for i in range(args.batch_size):
+                eval_pope.generate(model, {k: v[i:i + 1] for k, v in inputs.items()}, args.answer_tokens)
+
+    t_single = per_answer(timed(one_at_a_time, device, max(1, args.repeats // 2)))
+    results.update(eval_single_s=t_single, eval_batched_speedup=ratio(t_single, t_base))
+    del model, optimizer, batch, inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # 4. peak memory of each step, each in a fresh process so neither inherits the other's peak
+    peaks = {}
+    for kind in ("seed", "sft"):
+        command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--device", args.device,
+                   "--dtype", args.dtype, "--shape", args.shape, "--batch-size", str(args.batch_size)]
+        if args.layers:
+            command += ["--layers", str(args.layers)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        peaks[kind] = json.loads(output.strip().splitlines()[-1])["peak_bytes"]
+    results.update(peak_memory_seed_bytes=peaks["seed"], peak_memory_sft_bytes=peaks["sft"],
+                   peak_memory_ratio=peaks["seed"] / peaks["sft"])
+
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def format_table(r):
+    def row(name, value, target):
+        if isinstance(value, dict):
+            shown = f"{value['median']:.3f}  ({value['min']:.3f}..{value['max']:.3f})"
+        else:
+            shown = f"{value:.3f}"
+        return f"{name:<42}{shown:<28}{target}"
+
+    ms = lambda t: f"{1000 * t['median']:.2f} ms"  # noqa: E731
+    lines = [f"SEED bench on {r['device']}, shape {r['shape']}, {r['dtype']}, batch {r['batch_size']}",
+             f"{'ratio':<42}{'median  (spread)':<28}target",
+             row("train step: SEED / plain adapter step", r["train_step_ratio"], "<= 1.8 (floor ~5/3)"),
+             row("answer cost: merged SEED / base", r["answer_cost_ratio_seed"], "<= 1.05"),
+             row("answer cost: VCD / base", r["answer_cost_ratio_vcd"], "~2"),
+             row("peak memory: SEED step / plain step", r["peak_memory_ratio"], "<= 1.3"),
+             row("eval: batched speed-up over one at a time", r["eval_batched_speedup"], "> 1"),
+             f"raw: SEED step {ms(r['train_step_seed_s'])}, plain step {ms(r['train_step_sft_s'])}, "
+             f"answer base {ms(r['answer_base_s'])} / SEED {ms(r['answer_seed_s'])} / VCD {ms(r['answer_vcd_s'])}, "
+             f"peak memory SEED {r['peak_memory_seed_bytes'] / 2**20:.0f} MiB / plain "
+             f"{r['peak_memory_sft_bytes'] / 2**20:.0f} MiB"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

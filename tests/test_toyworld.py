@@ -1,0 +1,145 @@
+"""toyworld.py: the world's rules, the renderer, the labels, the cache and a tiny-budget build."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import eval_pope
+import toyworld
+
+
+@pytest.mark.parametrize("world_seed", [0, 1, 7])
+def test_world_has_distinct_glyphs_skewed_frequencies_and_partner_pairs(world_seed):
+    world = toyworld.make_world(world_seed, 16)
+    names = world["names"]
+    assert len(names) == len(set(names)) == 16
+    assert len(set(world["glyphs"].values())) == 16  # shape x colour, one per class
+    # naming a class needs both: some classes share a shape, some share a colour
+    shapes = [g[0] for g in world["glyphs"].values()]
+    colours = [g[1] for g in world["glyphs"].values()]
+    assert len(set(shapes)) < 16 and len(set(colours)) < 16
+    frequencies = sorted(world["frequency"].values())
+    assert frequencies[-1] > 5 * frequencies[0]
+    assert all(world["partner"][world["partner"][n]] == n != world["partner"][n] for n in names)
+
+
+def test_world_seed_changes_the_world():
+    a, b = toyworld.make_world(0), toyworld.make_world(1)
+    assert a["glyphs"] != b["glyphs"] or a["partner"] != b["partner"]
+    assert toyworld.make_world(0) == a
+
+
+def cell_pixels(image, cell, image_size=32, margin=0):
+    x0, y0 = (cell % 2) * image_size // 2, (cell // 2) * image_size // 2
+    side = image_size // 2
+    return [image.getpixel((x, y)) for x in range(x0 + margin, x0 + side - margin)
+            for y in range(y0 + margin, y0 + side - margin)]
+
+
+def test_renderer_draws_what_the_scene_says():
+    world = toyworld.make_world(0)
+    rng = random.Random(3)
+    for _ in range(20):
+        scene = toyworld.sample_scene(world, rng)
+        image = toyworld.render(scene, world)
+        used = {item["cell"] for item in scene}
+        for item in scene:
+            _, colour = world["glyphs"][item["object"]]
+            config = toyworld.WorldConfig()
+            strength = config.contrast if item["size"] == "large" else config.small_contrast
+            expected = tuple(round(b + strength * (c - b)) for c, b in zip(toyworld.COLOURS[colour], toyworld.BACKGROUND))
+            count = sum(p == expected for p in cell_pixels(image, item["cell"]))
+            assert count >= (40 if item["size"] == "large" else 4), (item, count)
+        for cell in set(range(4)) - used:  # empty cells are background (a jittered neighbour may touch the edge)
+            assert set(cell_pixels(image, cell, margin=2)) == {toyworld.BACKGROUND}
+
+
+def test_large_glyphs_cover_more_pixels_than_small_ones():
+    world = toyworld.make_world(0)
+    name = world["names"][0]
+    big = toyworld.render([{"object": name, "cell": 0, "size": "large", "jitter": (0, 0)}], world)
+    small = toyworld.render([{"object": name, "cell": 0, "size": "small", "jitter": (0, 0)}], world)
+    count = lambda im: sum(p != toyworld.BACKGROUND for p in cell_pixels(im, 0))  # noqa: E731
+    assert count(big) > 3 * count(small) > 0
+
+
+def test_training_text_has_the_hallucination_habits():
+    world = toyworld.make_world(0)
+    rng = random.Random(0)
+    scenes = [toyworld.sample_scene(world, rng) for _ in range(3000)]
+    mentioned_undrawn = sum(
+        any(f" {world['partner'][i['object']]} " in toyworld.caption(s, world, rng, 0.5) and
+            world["partner"][i["object"]] not in toyworld.scene_objects(s) for i in s)
+        for s in scenes)
+    assert mentioned_undrawn > 300  # partners mentioned though not drawn
+    assert all(f" {world['partner'][i['object']]} " not in toyworld.caption(s, world, rng, 0.0)
+               or world["partner"][i["object"]] in toyworld.scene_objects(s) for s in scenes for i in s)
+    counts = {n: 0 for n in world["names"]}
+    for s in scenes:
+        for n in toyworld.scene_objects(s):
+            counts[n] += 1
+    assert max(counts.values()) > 4 * min(counts.values())  # frequent objects
+
+
+def test_eval_labels_come_from_the_true_scene_contents(tmp_path):
+    world = toyworld.make_world(0)
+    files = toyworld.write_eval_set(world, str(tmp_path), n_images=30, seed=5)
+    objects = json.loads((tmp_path / "objects.json").read_text())
+    rng = random.Random(5)
+    config = toyworld.WorldConfig()
+    for i in range(30):  # regenerate the scenes: objects.json is exactly their contents
+        scene = toyworld.sample_scene(world, rng, config.partner_rate, min_objects=3)
+        assert objects[f"scene_{i:05d}.png"] == toyworld.scene_objects(scene)
+    for split, path in files.items():
+        questions = eval_pope.load_questions(path)
+        assert questions == [dict(q, _line=i + 1) for i, q in enumerate(
+            eval_pope.build_questions(objects, split, seed=5))]
+        for q in questions:
+            name = q["text"][len("Is there a "):-len(" in the image?")].removeprefix("n ")
+            assert (q["label"] == "yes") == (name in objects[q["image"]])
+            assert os.path.exists(tmp_path / "images" / q["image"])
+
+
+def test_tiny_budget_build_caches_and_round_trips(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config = toyworld.WorldConfig(steps=3, train_scenes=40, batch_size=8)
+    path, world = toyworld.build(config, progress=False)
+    assert path.startswith(str(tmp_path)) and os.path.exists(os.path.join(path, "COMPLETE"))
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    assert isinstance(model, LlavaForConditionalGeneration)
+    images = toyworld.unlabeled_images(world, 2, config=config)
+    p1 = toyworld.yes_probability(model, processor, images, world["names"][:2])
+    again_path, again_world = toyworld.build(config, progress=False)  # cached: no second pretraining
+    assert again_path == path and again_world == world
+    reloaded = AutoModelForImageTextToText.from_pretrained(again_path).eval()
+    assert torch.equal(toyworld.yes_probability(reloaded, processor, images, world["names"][:2]), p1)
+
+
+def test_a_half_written_cache_entry_is_never_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config = toyworld.WorldConfig(steps=2, train_scenes=20, batch_size=4)
+    final = toyworld.cache_dir(config)
+    os.makedirs(final)
+    open(os.path.join(final, "config.json"), "w").write("{")  # a crash mid-save: no COMPLETE marker
+    path, _ = toyworld.build(config, progress=False)
+    assert path == final and os.path.exists(os.path.join(final, "COMPLETE"))
+    from transformers import AutoModelForImageTextToText
+
+    AutoModelForImageTextToText.from_pretrained(path)  # a complete checkpoint replaced the torn one
+
+
+def test_same_seeds_same_model(tmp_path):
+    config = toyworld.WorldConfig(steps=3, train_scenes=30, batch_size=8)
+    world = toyworld.make_world(0)
+    weights = []
+    for _ in range(2):
+        processor = toyworld.make_processor()
+        model = toyworld.make_model(processor.tokenizer, seed=0)
+        toyworld.pretrain(model, processor, world, config, progress=False)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
