@@ -61,8 +61,13 @@ def build(shape, device, dtype, layers=None):
         if layers:  # a shallower model of the same widths, for a quick look where memory is short
             config.text_config.num_hidden_layers = layers
             config.vision_config.num_hidden_layers = layers
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build the 7B shape directly in its dtype, on its device
+        try:
+            with torch.device(device):
+                model = LlavaForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
     model = model.to(device=device, dtype=dtype).eval()
     vision = model.config.vision_config
     n_image_tokens = (vision.image_size // vision.patch_size) ** 2  # CLS dropped ("default" strategy)

@@ -276,11 +276,11 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=300,
         torch.manual_seed(seed * 7919 + round_index)  # a fresh adapter's A, the same on every rerun
         params = adapter.add_adapter(model, rank, adapter_alpha, targets)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        if round_index == start_round and start_step > 0:  # resume mid-round: adapter, moments, step
-            load_checkpoint(model, optimizer, checkpoint)
-        with autocast:
+        with autocast:  # the student before its first step is the base model
             void_at_start = held_out_void_mass(model, processor, images, held_out, batch_size, alpha, beta,
                                                noise_step, seed)
+        if round_index == start_round and start_step > 0:  # resume mid-round: adapter, moments, step
+            load_checkpoint(model, optimizer, checkpoint)
         bar = tqdm(range(start_step, steps), desc=f"SEED round {round_index} ({loss} KL)", disable=not progress,
                    initial=start_step, total=steps)
         log = []
@@ -291,11 +291,12 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=300,
             generator = torch.Generator().manual_seed(seed * 1_000_003 + round_index * 10_007 + step)
             with autocast:
                 value, teacher, student = seed_step(model, batch, loss, alpha, beta, noise_step, generator)
+            log.append({"step": step, "loss": value.item(),
+                        "void_mass": losses.void_mass(student.detach(), teacher).item()})
+            del teacher, student  # only the loss's own saved tensors stay alive through the backward
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
-            log.append({"step": step, "loss": value.item(),
-                        "void_mass": losses.void_mass(student.detach(), teacher).item()})
             bar.set_postfix(loss=f"{value.item():.4f}")
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 save_checkpoint(model, optimizer, checkpoint, round_index, step + 1)

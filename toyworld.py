@@ -54,14 +54,14 @@ class WorldConfig:
     mention_rate: float = 0.55  # P(an undrawn partner is mentioned anyway): the hallucination habit
     contrast: float = 0.5       # large glyphs: colour blended this far from the background
     small_contrast: float = 0.6  # small glyphs: colour strength of the partners drawn small
-    small_radius: float = 0.15  # radius of a small (partner) glyph, as a share of its grid cell
+    small_radius: float = 0.18  # radius of a small (partner) glyph, as a share of its grid cell
     noisy_share: float = 0.2    # share of pretraining images shown with diffusion noise
     noise_low: int = 800        # their noise steps are drawn from noise_low..noise_high - 1
     noise_high: int = 1000
     train_scenes: int = 4000    # distinct pretraining images
-    steps: int = 1800           # pretraining steps
+    steps: int = 2400           # pretraining steps
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1.5e-3          # higher rates can stall on a text-only plateau in some worlds
     seed: int = 0               # pretraining seed (init, batches, noise)
 
 

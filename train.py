@@ -48,7 +48,7 @@ class Config:
     objects: str = field(default=None, metadata={"help": "text file, one object name a line, to probe on the "
                                                          "unlabeled images (default: the 80 COCO classes)"})
     world_seed: int = field(default=0, metadata={"help": "toy world: which world (classes, glyphs, partners)"})
-    pretrain_steps: int = field(default=1800, metadata={"help": "toy world: pretraining steps of the base model"})
+    pretrain_steps: int = field(default=2400, metadata={"help": "toy world: pretraining steps of the base model"})
     seed: int = field(default=0, metadata={"help": "seed of everything else (adapter init, batches, noise)"})
     rounds: int = field(default=1, metadata={"help": "self-evolution rounds (METHOD.md 5; paper: 1)"})
     steps: int = field(default=300, metadata={"help": "SEED optimiser steps per round (ours)"})

@@ -1,0 +1,60 @@
+"""End to end: `python train.py` and `python bench.py` at their smallest sizes, as a user runs them."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_train_at_a_tiny_budget_writes_a_valid_results_json(tmp_path):
+    out = tmp_path / "out"
+    done = run(["train.py", "--pretrain-steps", "15", "--steps", "3", "--unlabeled", "6", "--eval-images", "4",
+                "--sample-seeds", "2", "--checkpoint-every", "2", "--out", str(out), "--no-progress"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SEED reverse KL" in done.stdout and "VCD decoding" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    for method in ("base", "vcd", "seed_forward", "seed_reverse"):
+        for decoding in ("greedy", "sample"):
+            for split in ("random", "popular", "adversarial"):
+                metrics = results[method][decoding][split]
+                assert set(metrics) >= {"accuracy", "precision", "recall", "f1", "yes_ratio"}
+                assert all(0.0 <= metrics[k] <= 1.0 for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))
+        assert results[method]["sample"]["random"]["f1_std"] >= 0
+        assert set(results[method]["captions"]) == {"chair_i", "chair_s"}
+        assert results[method]["seconds_per_answer"] > 0
+    for method in ("seed_forward", "seed_reverse"):
+        assert 0.0 <= results[method]["void_mass"][0] <= 1.0
+        assert (out / method / "round0" / "adapter.safetensors").exists()
+    assert "diagnostic" in results
+
+
+def test_train_help_explains_every_flag(tmp_path):
+    done = run(["train.py", "--help"], tmp_path)
+    assert done.returncode == 0
+    for flag in ("--model", "--images", "--pope", "--pope-images", "--rounds", "--steps", "--loss", "--world-seed",
+                 "--seed", "--out", "--resume"):
+        assert flag in done.stdout
+    assert "default" in done.stdout
+
+
+def test_train_with_a_model_but_no_data_is_a_clear_error(tmp_path):
+    done = run(["train.py", "--model", str(tmp_path)], tmp_path)
+    assert done.returncode != 0 and "--model needs --images" in done.stderr
+
+
+def test_bench_at_its_smallest_size_produces_every_figure(tmp_path):
+    done = run(["bench.py", "--repeats", "1", "--batch-size", "2", "--json", str(tmp_path / "bench.json")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("train_step_ratio", "answer_cost_ratio_seed", "answer_cost_ratio_vcd", "eval_batched_speedup"):
+        assert figures[key]["median"] > 0, key
+    assert figures["peak_memory_ratio"] > 0
+    for key in ("train_step_seed_s", "train_step_sft_s", "answer_base_s", "answer_seed_s", "answer_vcd_s"):
+        assert figures[key]["median"] > 0, key
+    assert "train step: SEED / plain adapter step" in done.stdout
