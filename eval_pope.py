@@ -31,8 +31,13 @@ SPLITS = ("random", "popular", "adversarial")
 # ---------------------------------------------------------------------------------------------
 # build: questions from object annotations
 
+def article(name):
+    return "an" if name[0].lower() in "aeiou" else "a"
+
+
 def question_for(name):
-    return f"Is there {'an' if name[0].lower() in 'aeiou' else 'a'} {name} in the image?"
+    """POPE's question, as in the official files."""
+    return f"Is there {article(name)} {name} in the image?"
 
 
 def build_questions(objects_by_image, split, per_image=3, seed=0):

@@ -24,12 +24,9 @@ import re
 import torch
 
 import adapter
+import eval_pope
 import losses
 import purge
-
-PROBE = "Is there {article} {object} in the image?"
-POPE_SUFFIX = " Please answer this question with one word."
-
 
 # ---------------------------------------------------------------------------------------------
 # Passes that share the vision features
@@ -88,7 +85,8 @@ def sft_step(model, batch):
 # Label-free data: the model's own purified answers on unlabeled images
 
 def probe_text(name):
-    return PROBE.format(article="an" if name[0].lower() in "aeiou" else "a", object=name) + POPE_SUFFIX
+    """A yes/no probe worded exactly as POPE asks, so SEED's data matches the evaluation's format."""
+    return eval_pope.question_for(name) + eval_pope.PROMPT_SUFFIX
 
 
 def mentioned_objects(text, object_names):
@@ -101,8 +99,6 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
                      progress, desc):
     """Greedy decoding on purify(clean, distorted) at every token: the teacher's answers, no labels read."""
     from tqdm import tqdm
-
-    import eval_pope
 
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
@@ -150,8 +146,6 @@ def make_examples(model, processor, images, object_names, probes_per_image=6, de
 
 def collate(examples, processor, images):
     """Right-padded batch: input_ids, attention_mask, response_mask (True on response tokens), pixel_values."""
-    import eval_pope
-
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "right"
     texts = [eval_pope.chat_prompt(processor, e["prompt"]) for e in examples]

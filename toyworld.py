@@ -15,8 +15,8 @@ The world, from one `world_seed`:
   other file takes the code path it takes with llava-hf/llava-1.5-7b-hf.
 - Pretraining on the CPU; about a fifth of the images are shown with diffusion noise
   (purge.distort) and unchanged text, as real data varies in quality. Without that, a distorted
-  image makes the model plainly unsure (P(yes) ~ 0.5) instead of falling back on its prior, and the
-  contrast of METHOD.md 2 has nothing to isolate.
+  image makes a model plainly unsure (P(yes) near 0.5) instead of falling back on its prior, and the
+  contrast of METHOD.md 2 has nothing to isolate. `diagnose` shows which happened.
 Evaluation labels always come from the true scene contents, never from the (noisy) text.
 """
 import hashlib
@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import eval_pope
+
 # ---------------------------------------------------------------------------------------------
 # The world: classes, glyphs, frequencies, partners
 
@@ -39,9 +41,7 @@ SHAPES = ["square", "circle", "triangle", "cross", "diamond"]
 COLOURS = {"red": (225, 45, 45), "green": (40, 185, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
            "white": (240, 240, 240)}
 BACKGROUND = (70, 70, 70)
-QUESTION = "Is there {article} {object} in the image?"
 DESCRIBE = "Describe the image."
-POPE_SUFFIX = " Please answer this question with one word."  # as eval_pope and the POPE protocol use
 
 
 @dataclass
@@ -56,17 +56,13 @@ class WorldConfig:
     small_contrast: float = 0.6  # small glyphs: colour strength of the partners drawn small
     small_radius: float = 0.18  # radius of a small (partner) glyph, as a share of its grid cell
     noisy_share: float = 0.2    # share of pretraining images shown with diffusion noise
-    noise_low: int = 800        # their noise steps are drawn from noise_low..noise_high - 1
-    noise_high: int = 1000
+    noise_low: int = 800        # their noise steps, noise_low..noise_high - 1: heavy noise that hides the
+    noise_high: int = 1000      # small partners, so the model learns to fall back on its prior there
     train_scenes: int = 4000    # distinct pretraining images
     steps: int = 2400           # pretraining steps
     batch_size: int = 64
     lr: float = 1.5e-3          # higher rates can stall on a text-only plateau in some worlds
     seed: int = 0               # pretraining seed (init, batches, noise)
-
-
-def article(word):
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def make_world(world_seed=0, n_classes=16):
@@ -155,7 +151,7 @@ def caption(scene, world, rng, mention_rate):
         mate = world["partner"][item["object"]]
         if item["size"] == "large" and mate not in mentioned and rng.random() < mention_rate:
             mentioned.append(mate)
-    phrases = [f"{article(n)} {n}" for n in mentioned]
+    phrases = [f"{eval_pope.article(n)} {n}" for n in mentioned]
     listed = phrases[0] if len(phrases) == 1 else " , ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"there is {listed} ."
 
@@ -170,10 +166,6 @@ def probe(scene, world, rng, mention_rate):
     if partners and rng.random() < 0.5:
         return rng.choice(partners), ("yes" if rng.random() < mention_rate else "no")
     return rng.choice(absent), "no"
-
-
-def question_text(name):
-    return QUESTION.format(article=article(name), object=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,12 +231,6 @@ def make_model(tokenizer, image_size=32, patch_size=8, seed=0):
     return LlavaForConditionalGeneration(config).eval()
 
 
-def user_prompt(processor, text):
-    """The chat-templated prompt for one image and one question, as eval_pope builds it."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Pretraining: the base model that SEED will correct
 
@@ -256,7 +242,7 @@ def prompt_ids(processor, text, _cache={}):
 
         size = processor.image_processor.crop_size["height"]
         blank = Image.new("RGB", (size, size))
-        _cache[key] = processor(images=[blank], text=[user_prompt(processor, text)]).input_ids[0]
+        _cache[key] = processor(images=[blank], text=[eval_pope.chat_prompt(processor, text)]).input_ids[0]
     return _cache[key]
 
 
@@ -306,7 +292,7 @@ def pretrain(model, processor, world, config, progress=True):
                 sequences.append((prompt_ids(processor, DESCRIBE), response_ids(tokenizer, text)))
             else:
                 name, answer = probe(scenes[index], world, rng, config.mention_rate)
-                sequences.append((prompt_ids(processor, question_text(name) + POPE_SUFFIX),
+                sequences.append((prompt_ids(processor, eval_pope.question_for(name) + eval_pope.PROMPT_SUFFIX),
                                   response_ids(tokenizer, answer)))
         input_ids, attention_mask, labels = collate(sequences, tokenizer.pad_token_id)
         pixels = pixel_values[batch].clone()
@@ -335,8 +321,6 @@ def write_eval_set(world, out_dir, n_images=150, seed=10_000, config=None):
 
     Labels come from the scenes themselves, never from the noisy training text.
     """
-    import eval_pope
-
     config = config or WorldConfig()
     rng = random.Random(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -372,7 +356,7 @@ def yes_probability(model, processor, images, names, noise_step=None, seed=0):
     tokenizer = processor.tokenizer
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     tokenizer.padding_side = "left"
-    prompts = [user_prompt(processor, question_text(n) + POPE_SUFFIX) for n in names]
+    prompts = [eval_pope.chat_prompt(processor, eval_pope.question_for(n) + eval_pope.PROMPT_SUFFIX) for n in names]
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     pixels = inputs["pixel_values"]
     if noise_step is not None:
@@ -459,8 +443,6 @@ def eval_set(world_dir, n_images, world, config=None):
         tmp = f"{folder}.tmp-{os.getpid()}"
         write_eval_set(world, tmp, n_images, config=config)
         _publish(tmp, folder)
-    import eval_pope
-
     files = {split: os.path.join(folder, f"toy_pope_{split}.json") for split in eval_pope.SPLITS}
     with open(os.path.join(folder, "objects.json")) as f:
         objects = json.load(f)

@@ -7,6 +7,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import eval_pope  # noqa: E402
 import toyworld  # noqa: E402
 
 
@@ -28,8 +29,8 @@ def llava_inputs(processor):
 
     processor.tokenizer.padding_side = "left"
     images = [Image.new("RGB", (32, 32), (200, 40, 40)), Image.new("RGB", (32, 32), (40, 40, 200))]
-    prompts = [toyworld.user_prompt(processor, "Is there a cat in the image?"),
-               toyworld.user_prompt(processor, "Describe the image.")]
+    prompts = [eval_pope.chat_prompt(processor, "Is there a cat in the image?"),
+               eval_pope.chat_prompt(processor, "Describe the image.")]
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
 
 
