@@ -447,3 +447,21 @@ def eval_set(world_dir, n_images, world, config=None):
     with open(os.path.join(folder, "objects.json")) as f:
         objects = json.load(f)
     return files, os.path.join(folder, "images"), objects
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build (or reload) the toy world's LLaVA and show why the contrast works.")
+    parser.add_argument("--world-seed", type=int, default=0, help="which world (classes, glyphs, partners)")
+    parser.add_argument("--noise-step", type=int, default=500, help="diffusion step of the distortion (0..999)")
+    args = parser.parse_args()
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    world_config = WorldConfig(world_seed=args.world_seed)
+    path, world = build(world_config)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    print(f"checkpoint: {path}")
+    for group, d in diagnose(model, AutoProcessor.from_pretrained(path), world, noise_step=args.noise_step,
+                             config=world_config).items():
+        print(f"mean P(yes) on {group:<15} clean {d['clean']:.2f}  distorted {d['distorted']:.2f}  ({d['n']} probes)")
