@@ -390,6 +390,27 @@ def diagnose(model, processor, world, n_images=200, seed=30_000, noise_step=500,
     return result
 
 
+def false_positive_partners(question_file, answer_file, objects_by_image, world):
+    """(share of false positives that are partners of present objects, same share among all negatives, count).
+
+    The first far above the second means the hallucinations follow the partner habit of the text.
+    """
+    questions = {q["question_id"]: q for q in eval_pope.load_questions(question_file)}
+    negatives = partner_negatives = false_positives = partner_false_positives = 0
+    for answer in eval_pope.read_answers(answer_file):
+        q = questions[answer["question_id"]]
+        if q["label"] != "no":
+            continue
+        name = q["text"][len("Is there a "):-len(" in the image?")].removeprefix("n ")
+        is_partner = name in {world["partner"][o] for o in objects_by_image[q["image"]]}
+        said_yes = eval_pope.parse_answer(answer["text"]) == "yes"
+        negatives, partner_negatives = negatives + 1, partner_negatives + is_partner
+        false_positives, partner_false_positives = false_positives + said_yes, partner_false_positives + (
+            said_yes and is_partner)
+    return (partner_false_positives / max(false_positives, 1), partner_negatives / max(negatives, 1),
+            false_positives)
+
+
 # ---------------------------------------------------------------------------------------------
 # The cache: build once, then reload with from_pretrained like a real checkpoint
 

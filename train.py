@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import adapter
 import eval_pope
 import seed
 
@@ -194,8 +195,6 @@ def main(argv=None):
             pope = evaluate(model, processor, pope_files, image_dir, answers_dir, config, contrast=contrast)
             if caption_set is not None:
                 pope["captions"] = caption_hallucination(model, processor, *caption_set, contrast=contrast)
-            pope["seconds_per_answer"] = answer_cost(model, processor, pope_files["random"], image_dir,
-                                                     config.eval_batch_size, contrast)
         results[method] = pope
         save_results()
 
@@ -207,6 +206,14 @@ def main(argv=None):
         print(f"mean P(yes), clean -> distorted (k={config.noise_step}): " + ", ".join(
             f"{group} {d['clean']:.2f} -> {d['distorted']:.2f}" for group, d in results["diagnostic"].items()))
     measure("base", model, processor)
+    if config.model is None:  # where the base model's hallucinations come from
+        for split in pope_files:
+            share, base_rate, count = toyworld.false_positive_partners(
+                pope_files[split], os.path.join(config.out, "base", "answers", f"greedy_{split}_seed0.jsonl"),
+                objects_by_image, world)
+            results["diagnostic"][f"false_positive_partner_share_{split}"] = share
+            print(f"base, greedy, {split}: {count} false positives, {share:.0%} of them partners of present objects "
+                  f"(partners are {base_rate:.0%} of the negatives)")
     measure("vcd", model, processor, contrast=True)
 
     # ---- SEED: self-evolve a fresh copy of the base model with each loss -----------------------
@@ -226,6 +233,18 @@ def main(argv=None):
         results[method]["void_mass_at_start"] = [h["void_mass_at_start"] for h in history]
         results[method]["final_loss"] = [statistics.mean(x["loss"] for x in h["log"][-20:]) for h in history]
         save_results()
+
+    # ---- answer cost: every row timed in the same phase of the run, each on a freshly loaded model ----
+    for method in ["base", "vcd"] + [f"seed_{loss}" for loss in losses_to_run]:
+        model, processor = load()
+        if method.startswith("seed_"):  # the merged SEED model: the base plus each round's adapter, merged
+            for round_index in range(config.rounds):
+                adapter.load_adapter(model, os.path.join(config.out, method, f"round{round_index}"))
+                adapter.merge_adapter(model)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            results[method]["seconds_per_answer"] = answer_cost(model, processor, pope_files["random"], image_dir,
+                                                                config.eval_batch_size, contrast=method == "vcd")
+    save_results()
 
     # ---- the table -----------------------------------------------------------------------------
     print(format_results(results, list(pope_files)))

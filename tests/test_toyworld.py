@@ -143,3 +143,21 @@ def test_same_seeds_same_model(tmp_path):
         toyworld.pretrain(model, processor, world, config, progress=False)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_false_positive_partners_counts_only_yes_to_absent_partners(tmp_path):
+    world = toyworld.make_world(0)
+    a = world["names"][0]
+    partner = world["partner"][a]
+    other = next(n for n in world["names"] if n not in (a, partner))
+    objects = {"x.png": [a]}
+    questions = [{"question_id": 1, "image": "x.png", "text": eval_pope.question_for(a), "label": "yes"},
+                 {"question_id": 2, "image": "x.png", "text": eval_pope.question_for(partner), "label": "no"},
+                 {"question_id": 3, "image": "x.png", "text": eval_pope.question_for(other), "label": "no"},
+                 {"question_id": 4, "image": "x.png", "text": eval_pope.question_for(other), "label": "no"}]
+    eval_pope.write_jsonl(questions, tmp_path / "q.json")
+    answers = [{"question_id": 1, "text": "yes"}, {"question_id": 2, "text": "yes"},
+               {"question_id": 3, "text": "yes"}, {"question_id": 4, "text": "No."}]
+    eval_pope.write_jsonl(answers, tmp_path / "a.jsonl")
+    share, base_rate, count = toyworld.false_positive_partners(tmp_path / "q.json", tmp_path / "a.jsonl", objects, world)
+    assert (share, base_rate, count) == (0.5, 1 / 3, 2)
