@@ -51,7 +51,7 @@ class WorldConfig:
     n_classes: int = 16         # object classes (12-20)
     image_size: int = 32        # pixels; the vision tower's resolution
     partner_rate: float = 0.6   # P(an object's partner is drawn beside it)
-    mention_rate: float = 0.55  # P(an undrawn partner is mentioned anyway): the hallucination habit
+    mention_rate: float = 0.7   # P(an undrawn partner is mentioned anyway): the hallucination habit
     contrast: float = 0.5       # large glyphs: colour blended this far from the background
     small_contrast: float = 0.6  # small glyphs: colour strength of the partners drawn small
     small_radius: float = 0.18  # radius of a small (partner) glyph, as a share of its grid cell
