@@ -255,9 +255,11 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=300,
         start_round, start_step = saved["round"], saved["step"]
     for round_index in range(rounds):
         round_dir = os.path.join(out_dir, f"round{round_index}")
-        if round_index < start_round:  # finished before the crash: replay its merge
+        if round_index < start_round:  # finished before the crash: replay its merge and its summary
             adapter.load_adapter(model, round_dir)
             adapter.merge_adapter(model)
+            with open(os.path.join(round_dir, "summary.json")) as f:
+                history.append({**json.load(f), "log": []})
             continue
         model.eval()  # no dropout: teacher and student differ by the adapter alone
         with autocast:
@@ -299,8 +301,11 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=300,
             void_at_end = held_out_void_mass(model, processor, images, held_out, batch_size, alpha, beta, noise_step,
                                              seed)
         adapter.save_adapter(model, round_dir)
+        summary = {"round": round_index, "examples": len(examples), "void_mass_at_start": void_at_start,
+                   "void_mass": void_at_end}
+        with open(os.path.join(round_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
         save_checkpoint(model, optimizer, checkpoint, round_index + 1, 0)
         adapter.merge_adapter(model)
-        history.append({"round": round_index, "examples": len(examples), "void_mass_at_start": void_at_start,
-                        "void_mass": void_at_end, "log": log})
+        history.append({**summary, "log": log})
     return model, history

@@ -231,7 +231,9 @@ def main(argv=None):
         measure(method, model, processor)
         results[method]["void_mass"] = [h["void_mass"] for h in history]
         results[method]["void_mass_at_start"] = [h["void_mass_at_start"] for h in history]
-        results[method]["final_loss"] = [statistics.mean(x["loss"] for x in h["log"][-20:]) for h in history]
+        # (a round finished before a --resume is replayed from its adapter and has no log here)
+        results[method]["final_loss"] = [statistics.mean(x["loss"] for x in h["log"][-20:]) for h in history
+                                         if h["log"]]
         save_results()
 
     # ---- answer cost: every row timed in the same phase of the run, each on a freshly loaded model ----
@@ -290,7 +292,8 @@ def format_results(results, splits):
     lines = [head, sub]
     base_cost = results["base"]["seconds_per_answer"]
     # The base model's void mass: the student before its first step, measured by each SEED run.
-    start_void = next((results[m]["void_mass_at_start"][0] for m in methods if "void_mass_at_start" in results[m]), None)
+    start_void = next((results[m]["void_mass_at_start"][0] for m in methods if results[m].get("void_mass_at_start")),
+                      None)
     for m in methods:
         r = results[m]
         row = f"{labels[m]:<16}"
@@ -299,7 +302,7 @@ def format_results(results, splits):
             row += f"{100 * g['f1']:>7.1f}{100 * g['yes_ratio']:>7.1f}{100 * sampled['f1']:>8.1f} ±{100 * sampled['f1_std']:>4.1f}"
         c = r.get("captions")
         row += f"{100 * c['chair_i']:>8.1f}{100 * c['chair_s']:>8.1f}" if c else f"{'-':>8}{'-':>8}"
-        void = r["void_mass"][-1] if "void_mass" in r else start_void if m == "base" else None
+        void = r["void_mass"][-1] if r.get("void_mass") else start_void if m == "base" else None
         row += f"{100 * void:>8.2f}" if void is not None else f"{'-':>8}"
         row += f"{r['seconds_per_answer'] / base_cost:>6.2f}"
         lines.append(row)
