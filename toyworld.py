@@ -234,16 +234,19 @@ def make_model(tokenizer, image_size=32, patch_size=8, seed=0):
 # ---------------------------------------------------------------------------------------------
 # Pretraining: the base model that SEED will correct
 
-def prompt_ids(processor, text, _cache={}):
+_PROMPT_IDS = {}  # (processor, text) -> ids: pretraining reuses a handful of prompts thousands of times
+
+
+def prompt_ids(processor, text):
     """Token ids of the templated prompt for `text`, the image placeholder expanded as the processor does."""
     key = (id(processor), text)
-    if key not in _cache:
+    if key not in _PROMPT_IDS:
         from PIL import Image
 
         size = processor.image_processor.crop_size["height"]
         blank = Image.new("RGB", (size, size))
-        _cache[key] = processor(images=[blank], text=[eval_pope.chat_prompt(processor, text)]).input_ids[0]
-    return _cache[key]
+        _PROMPT_IDS[key] = processor(images=[blank], text=[eval_pope.chat_prompt(processor, text)]).input_ids[0]
+    return _PROMPT_IDS[key]
 
 
 def response_ids(tokenizer, text):
