@@ -217,6 +217,13 @@ def chat_prompt(processor, text):
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def prompt_batch(processor, images, texts, device="cpu"):
+    """One image + one question per row, through the chat template, left-padded for generation."""
+    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    prompts = [chat_prompt(processor, text) for text in texts]
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True).to(device)
+
+
 def _open_image(path, question_file, record):
     from PIL import Image
 
@@ -246,7 +253,6 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
     answers = read_answers(out_path)
     done = {a["question_id"] for a in answers}
     todo = [q for q in questions if q["question_id"] not in done]
-    processor.tokenizer.padding_side = "left"  # generation appends on the right
     device = next(model.parameters()).device
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"POPE {decoding}",
@@ -255,13 +261,13 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             images = [_open_image(os.path.join(image_dir, q["image"]), question_file, q) for q in chunk]
-            prompts = [chat_prompt(processor, q["text"] + PROMPT_SUFFIX) for q in chunk]
-            inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(device)
+            prompts = [q["text"] + PROMPT_SUFFIX for q in chunk]
+            inputs = prompt_batch(processor, images, prompts, device)
             generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(q["question_id"])) for q in chunk]
             ids = generate(model, inputs, max_new_tokens, generators=generators,
                            eos_token_id=processor.tokenizer.eos_token_id, **DECODINGS[decoding], **decode_options)
             for q, prompt, row in zip(chunk, prompts, ids):
-                record = {"question_id": q["question_id"], "prompt": q["text"] + PROMPT_SUFFIX,
+                record = {"question_id": q["question_id"], "prompt": prompt,
                           "text": processor.tokenizer.decode(row, skip_special_tokens=True).strip(),
                           "label": q.get("label")}
                 out.write(json.dumps(record) + "\n")

@@ -101,14 +101,11 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
     from tqdm import tqdm
 
     tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     responses = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         chunk = prompts[start:start + batch_size]
-        texts = [eval_pope.chat_prompt(processor, text) for _, text in chunk]
-        inputs = processor(images=[images[i] for i, _ in chunk], text=texts, return_tensors="pt",
-                           padding=True).to(device)
+        inputs = eval_pope.prompt_batch(processor, [images[i] for i, _ in chunk], [text for _, text in chunk], device)
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + j) for j in range(len(chunk))]
         responses += eval_pope.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
                                         alpha=alpha, beta=beta, noise_step=noise_step,

@@ -358,9 +358,8 @@ def yes_probability(model, processor, images, names, noise_step=None, seed=0):
 
     tokenizer = processor.tokenizer
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-    tokenizer.padding_side = "left"
-    prompts = [eval_pope.chat_prompt(processor, eval_pope.question_for(n) + eval_pope.PROMPT_SUFFIX) for n in names]
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs = eval_pope.prompt_batch(processor, images, [eval_pope.question_for(n) + eval_pope.PROMPT_SUFFIX
+                                                        for n in names])
     pixels = inputs["pixel_values"]
     if noise_step is not None:
         pixels = purge.distort(pixels, noise_step, torch.Generator().manual_seed(seed))

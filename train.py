@@ -121,10 +121,9 @@ def answer_cost(model, processor, question_file, image_dir, batch_size, contrast
 
     questions = eval_pope.load_questions(question_file)[:batch_size]
     images = [Image.open(os.path.join(image_dir, q["image"])).convert("RGB") for q in questions]
-    prompts = [eval_pope.chat_prompt(processor, q["text"] + eval_pope.PROMPT_SUFFIX) for q in questions]
-    processor.tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(device)
+    inputs = eval_pope.prompt_batch(processor, images, [q["text"] + eval_pope.PROMPT_SUFFIX for q in questions],
+                                    device)
     timings = []
     for repeat in range(repeats + 1):
         if device.type == "cuda":
@@ -261,13 +260,11 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
 
     names = sorted(objects_by_image)
     mentioned_total = hallucinated_total = captions_with_any = 0
-    processor.tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     for start in range(0, len(names), batch_size):
         chunk = names[start:start + batch_size]
         images = [Image.open(os.path.join(image_dir, n)).convert("RGB") for n in chunk]
-        prompt = eval_pope.chat_prompt(processor, "Describe the image.")
-        inputs = processor(images=images, text=[prompt] * len(chunk), return_tensors="pt", padding=True).to(device)
+        inputs = eval_pope.prompt_batch(processor, images, ["Describe the image."] * len(chunk), device)
         generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
         ids = eval_pope.generate(model, inputs, 24, contrast=contrast, generators=generators,
                                  eos_token_id=processor.tokenizer.eos_token_id)
