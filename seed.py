@@ -113,13 +113,42 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
     return responses
 
 
+def choose_probes(named, object_names, probes_per_image, rng):
+    """Objects to ask about on each image, from the model's own descriptions (`named[i]`: the names
+    description i mentions); no label is read.
+
+    Half the probes go to objects the description names (its hallucinations are among them); the
+    rest, as POPE draws its adversarial negatives, go first to unnamed objects that co-occur most
+    with the named ones across all the descriptions (co-occurrence is where a language prior lives,
+    and a random unnamed object is mostly one the model already rejects), then to random ones.
+    """
+    together = {}  # (a, b) -> number of descriptions naming both
+    for names in named:
+        for a in names:
+            for b in names:
+                if a != b:
+                    together[a, b] = together.get((a, b), 0) + 1
+    chosen_by_image = []
+    for names in named:
+        unnamed = [n for n in object_names if n not in names]
+        chosen = rng.sample(names, min(len(names), probes_per_image // 2))
+        score = {n: sum(together.get((a, n), 0) for a in names) for n in unnamed}
+        ranked = sorted(unnamed, key=lambda n: (-score[n], rng.random()))  # ties broken at random
+        co_occurring = [n for n in ranked[:(probes_per_image - len(chosen)) // 2] if score[n] > 0]
+        rest = [n for n in unnamed if n not in co_occurring]
+        chosen += co_occurring
+        chosen += rng.sample(rest, min(len(rest), probes_per_image - len(chosen)))
+        chosen_by_image.append(chosen)
+    return chosen_by_image
+
+
 def make_examples(model, processor, images, object_names, probes_per_image=6, description="Describe the image.",
                   batch_size=32, max_new_tokens=24, seed=0, alpha=1.0, beta=0.1, noise_step=500, progress=True):
     """Prompts on unlabeled images, answered by the model itself with purified greedy decoding.
 
-    Each image gets one description prompt and `probes_per_image` yes/no probes: half for objects
-    its own description names (where hallucinations live), half for objects it does not name, so
-    the probes are balanced as POPE's are. Returns [{"image": index, "prompt": text, "response": ids}].
+    Each image gets one description prompt and `probes_per_image` yes/no probes chosen by
+    `choose_probes` from what the descriptions name. Returns [{"image": index, "prompt": text,
+    "response": ids}].
     """
     rng = random.Random(seed)
     eos = processor.tokenizer.eos_token_id
@@ -127,13 +156,11 @@ def make_examples(model, processor, images, object_names, probes_per_image=6, de
     descriptions = purified_answers(model, processor, images, described, batch_size, max_new_tokens, seed, alpha,
                                     beta, noise_step, progress, "purified descriptions")
     examples = [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(described, descriptions)]
-    probes = []
-    for index, response in enumerate(descriptions):
-        named = mentioned_objects(processor.tokenizer.decode(response, skip_special_tokens=True), object_names)
-        unnamed = [n for n in object_names if n not in named]
-        chosen = rng.sample(named, min(len(named), probes_per_image // 2))
-        chosen += rng.sample(unnamed, min(len(unnamed), probes_per_image - len(chosen)))
-        probes += [(index, probe_text(name)) for name in chosen]
+    named = [mentioned_objects(processor.tokenizer.decode(r, skip_special_tokens=True), object_names)
+             for r in descriptions]
+    probes = [(index, probe_text(name)) for index, chosen in enumerate(choose_probes(named, object_names,
+                                                                                  probes_per_image, rng))
+              for name in chosen]
     answers = purified_answers(model, processor, images, probes, batch_size, 4, seed + 1, alpha, beta, noise_step,
                                progress, "purified probe answers")
     examples += [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(probes, answers)]

@@ -344,11 +344,16 @@ def write_eval_set(world, out_dir, n_images=150, seed=10_000, config=None):
     return files
 
 
-def unlabeled_images(world, n_images, seed=20_000, config=None):
-    """Fresh scenes for SEED, as PIL images only: the scene contents are never returned."""
+def unlabeled_images(world, n_images, seed=20_000, config=None, min_objects=3):
+    """Fresh scenes for SEED, as PIL images only: the scene contents are never returned.
+
+    Drawn like the POPE images (at least three objects, as POPE picks its COCO images), the way one
+    would pick unlabeled photos of busy scenes for SEED; nothing about a scene reaches SEED but pixels.
+    """
     config = config or WorldConfig()
     rng = random.Random(seed)
-    return [render(sample_scene(world, rng, config.partner_rate), world, config) for _ in range(n_images)]
+    return [render(sample_scene(world, rng, config.partner_rate, min_objects), world, config)
+            for _ in range(n_images)]
 
 
 @torch.no_grad()

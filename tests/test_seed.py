@@ -114,6 +114,30 @@ def small_evolve(model, processor, out_dir, **kwargs):
     return seed.evolve(model, processor, images, world["names"], out_dir, **options)
 
 
+def test_choose_probes_asks_about_named_objects_and_their_co_occurring_ones():
+    import random
+
+    objects = ["cat", "dog", "cup", "key", "hat", "bell", "drum", "kite"]
+    # Across the descriptions "cat" comes with "dog" (3 times) far more often than with anything else.
+    named = [["cat", "dog"], ["cat", "dog"], ["cat", "dog", "cup"], ["cat"], ["key"], []]
+    chosen = seed.choose_probes(named, objects, probes_per_image=6, rng=random.Random(0))
+    assert [len(c) for c in chosen] == [6] * 6 and all(len(set(c)) == 6 for c in chosen)
+    for names, picks in zip(named, chosen):
+        assert set(names[:3]) <= set(picks)  # at most half of the 6 go to named objects: all of these
+        assert all(p in objects for p in picks)
+    # The image whose description names only "cat": of its 5 other probes, 2 go to the objects that
+    # co-occur with "cat" ("dog" 3 times, "cup" once), whatever the rng; the other 3 are random.
+    for s in range(20):
+        assert {"dog", "cup"} <= set(seed.choose_probes(named, objects, 6, random.Random(s))[3])
+    # "key" co-occurs with nothing: its other probes are random unnamed objects (but not "key" twice).
+    assert chosen[4].count("key") == 1
+    # More named objects than half the probes: only half go to them, the rest are unnamed.
+    many = seed.choose_probes([objects[:5]], objects, probes_per_image=4, rng=random.Random(1))[0]
+    assert len(many) == 4 and len(set(many) & set(objects[:5])) == 2
+    # Seeded: the same rng seed gives the same probes.
+    assert seed.choose_probes(named, objects, 6, random.Random(0)) == chosen
+
+
 def test_two_round_evolve_merges_twice(llava, processor, tmp_path):
     model, history = small_evolve(llava, processor, str(tmp_path), rounds=2)
     assert [h["round"] for h in history] == [0, 1]

@@ -102,6 +102,19 @@ def test_eval_labels_come_from_the_true_scene_contents(tmp_path):
             assert os.path.exists(tmp_path / "images" / q["image"])
 
 
+def test_unlabeled_images_are_drawn_like_the_pope_images():
+    world = toyworld.make_world(0)
+    images = toyworld.unlabeled_images(world, 5, seed=3)
+    assert len(images) == 5 and all(im.size == (32, 32) for im in images)
+    # Same seed, same pixels; the scenes behind them have at least three objects, as POPE's have.
+    assert [im.tobytes() for im in toyworld.unlabeled_images(world, 5, seed=3)] == [im.tobytes() for im in images]
+    rng = random.Random(3)
+    config = toyworld.WorldConfig()
+    scenes = [toyworld.sample_scene(world, rng, config.partner_rate, 3) for _ in range(5)]
+    assert all(len(scene) >= 3 for scene in scenes)
+    assert [toyworld.render(s, world).tobytes() for s in scenes] == [im.tobytes() for im in images]
+
+
 def test_tiny_budget_build_caches_and_round_trips(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     config = toyworld.WorldConfig(steps=3, train_scenes=40, batch_size=8)
