@@ -117,10 +117,11 @@ def choose_probes(named, object_names, probes_per_image, rng):
     """Objects to ask about on each image, from the model's own descriptions (`named[i]`: the names
     description i mentions); no label is read.
 
-    Half the probes go to objects the description names (its hallucinations are among them); the
-    rest, as POPE draws its adversarial negatives, go first to unnamed objects that co-occur most
-    with the named ones across all the descriptions (co-occurrence is where a language prior lives,
-    and a random unnamed object is mostly one the model already rejects), then to random ones.
+    Up to half the probes go to objects the description names (its hallucinations are among them).
+    Of the rest, half go to the unnamed objects that co-occur most with the named ones across all
+    the descriptions, as POPE draws its adversarial negatives from co-occurrence (that is where a
+    language prior lives; a random unnamed object is mostly one the model already rejects), and the
+    others to random unnamed objects.
     """
     together = {}  # (a, b) -> number of descriptions naming both
     for names in named:
@@ -158,9 +159,8 @@ def make_examples(model, processor, images, object_names, probes_per_image=6, de
     examples = [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(described, descriptions)]
     named = [mentioned_objects(processor.tokenizer.decode(r, skip_special_tokens=True), object_names)
              for r in descriptions]
-    probes = [(index, probe_text(name)) for index, chosen in enumerate(choose_probes(named, object_names,
-                                                                                  probes_per_image, rng))
-              for name in chosen]
+    chosen_by_image = choose_probes(named, object_names, probes_per_image, rng)
+    probes = [(index, probe_text(name)) for index, chosen in enumerate(chosen_by_image) for name in chosen]
     answers = purified_answers(model, processor, images, probes, batch_size, 4, seed + 1, alpha, beta, noise_step,
                                progress, "purified probe answers")
     examples += [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(probes, answers)]
