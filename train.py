@@ -115,8 +115,14 @@ def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decod
     return results
 
 
-def answer_cost(model, processor, question_file, image_dir, batch_size, contrast=False, repeats=20):
-    """Median seconds per POPE answer over `repeats` timed passes on one batch, after a warm-up pass."""
+def answer_costs(model, processor, question_file, image_dir, batch_size, rows, repeats=20):
+    """Median seconds per POPE answer for each row, all timed on one copy of the weights.
+
+    rows: {method: (weights to swap in, contrast?)}; the weights are {parameter name: tensor}, and a
+    name one row leaves out takes the base value. The rows are timed in interleaved rounds (one pass
+    each per round, after one warm-up round), so a drift in the machine's speed falls on every row
+    alike instead of on whichever row happened to be timed first.
+    """
     from PIL import Image
 
     questions = eval_pope.load_questions(question_file)[:batch_size]
@@ -124,18 +130,48 @@ def answer_cost(model, processor, question_file, image_dir, batch_size, contrast
     device = next(model.parameters()).device
     inputs = eval_pope.prompt_batch(processor, images, [q["text"] + eval_pope.PROMPT_SUFFIX for q in questions],
                                     device)
-    timings = []
+    parameters = dict(model.named_parameters())
+    swapped = sorted({name for weights, _ in rows.values() for name in weights})
+    base = {name: parameters[name].detach().clone() for name in swapped}
+    timings = {method: [] for method in rows}
     for repeat in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        # Always 4 new tokens (no early stop), so every model does the same amount of decoding work.
-        eval_pope.generate(model, inputs, max_new_tokens=4, contrast=contrast)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if repeat:  # the first pass is the warm-up
-            timings.append((time.perf_counter() - start) / len(questions))
-    return statistics.median(timings)
+        for method, (weights, contrast) in rows.items():
+            with torch.no_grad():
+                for name in swapped:
+                    parameters[name].copy_(weights.get(name, base[name]))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            # Always 4 new tokens (no early stop), so every row does the same amount of decoding work.
+            eval_pope.generate(model, inputs, max_new_tokens=4, contrast=contrast)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if repeat:  # the first round is the warm-up
+                timings[method].append((time.perf_counter() - start) / len(questions))
+    with torch.no_grad():
+        for name in swapped:
+            parameters[name].copy_(base[name])
+    return {method: statistics.median(t) for method, t in timings.items()}
+
+
+@torch.no_grad()
+def merged_weights(model, adapter_dirs):
+    """The weights of the merged SEED model where it differs from `model`: {parameter name: tensor}.
+
+    Merges each round's adapter into `model`, reads the weights that changed, and puts the
+    originals back, so that one copy of the model can be timed as base and as each SEED row.
+    """
+    originals = {}
+    for adapter_dir in adapter_dirs:
+        adapter.load_adapter(model, adapter_dir)
+        for name, layer in adapter.adapter_layers(model).items():
+            originals.setdefault(f"{name}.weight", layer.base.weight.detach().clone())
+        adapter.merge_adapter(model)
+    parameters = dict(model.named_parameters())
+    merged = {name: parameters[name].detach().clone() for name in originals}
+    for name, weight in originals.items():
+        parameters[name].copy_(weight)
+    return merged
 
 
 def main(argv=None):
@@ -235,16 +271,16 @@ def main(argv=None):
                                          if h["log"]]
         save_results()
 
-    # ---- answer cost: every row timed in the same phase of the run, each on a freshly loaded model ----
-    for method in ["base", "vcd"] + [f"seed_{loss}" for loss in losses_to_run]:
-        model, processor = load()
-        if method.startswith("seed_"):  # the merged SEED model: the base plus each round's adapter, merged
-            for round_index in range(config.rounds):
-                adapter.load_adapter(model, os.path.join(config.out, method, f"round{round_index}"))
-                adapter.merge_adapter(model)
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            results[method]["seconds_per_answer"] = answer_cost(model, processor, pope_files["random"], image_dir,
-                                                                config.eval_batch_size, contrast=method == "vcd")
+    # ---- answer cost: every row on one freshly loaded copy of the weights, timed in interleaved rounds ----
+    model, processor = load()
+    rows = {"base": ({}, False), "vcd": ({}, True)}
+    for loss in losses_to_run:  # the merged SEED model: the base plus each round's adapter, merged
+        rows[f"seed_{loss}"] = (merged_weights(model, [os.path.join(config.out, f"seed_{loss}", f"round{r}")
+                                                       for r in range(config.rounds)]), False)
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        costs = answer_costs(model, processor, pope_files["random"], image_dir, config.eval_batch_size, rows)
+    for method, seconds in costs.items():
+        results[method]["seconds_per_answer"] = seconds
     save_results()
 
     # ---- the table -----------------------------------------------------------------------------

@@ -58,3 +58,51 @@ def test_bench_at_its_smallest_size_produces_every_figure(tmp_path):
     for key in ("train_step_seed_s", "train_step_sft_s", "answer_base_s", "answer_seed_s", "answer_vcd_s"):
         assert figures[key]["median"] > 0, key
     assert "train step: SEED / plain adapter step" in done.stdout
+
+
+def test_merged_weights_are_the_merged_model_and_leave_the_model_as_it_was(llava, tmp_path):
+    import copy
+
+    import torch
+
+    import adapter
+    import train
+
+    def trained_adapter(model, path, seed):
+        adapter.add_adapter(model, rank=4)
+        torch.manual_seed(seed)
+        for layer in adapter.adapter_layers(model).values():
+            torch.nn.init.normal_(layer.B)  # as if trained: B = 0 would merge to no change at all
+        adapter.save_adapter(model, path)
+        adapter.merge_adapter(model)
+
+    scratch = copy.deepcopy(llava)
+    trained_adapter(scratch, str(tmp_path / "round0"), seed=0)
+    trained_adapter(scratch, str(tmp_path / "round1"), seed=1)  # two rounds, merged one after the other
+    before = {n: p.detach().clone() for n, p in llava.named_parameters()}
+    merged = train.merged_weights(llava, [str(tmp_path / "round0"), str(tmp_path / "round1")])
+    assert all(torch.equal(p, before[n]) for n, p in llava.named_parameters())  # put back as it was
+    assert merged and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in merged)
+    reference = dict(scratch.named_parameters())  # the base with both rounds merged the usual way
+    assert all(torch.equal(weight, reference[name]) for name, weight in merged.items())
+    assert all(torch.equal(p, before[n]) for n, p in scratch.named_parameters() if n not in merged)
+
+
+def test_answer_costs_times_every_row_and_puts_the_base_weights_back(llava, processor, tmp_path):
+    import torch
+    from PIL import Image
+
+    import eval_pope
+    import train
+
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / f"im{i}.png")
+    questions = [{"question_id": i, "image": f"im{i}.png", "text": "Is there a cat in the image?", "label": "no"}
+                 for i in range(2)]
+    eval_pope.write_jsonl(questions, str(tmp_path / "q.json"))
+    name = next(n for n, _ in llava.named_parameters() if n.endswith("q_proj.weight"))
+    before = {n: p.detach().clone() for n, p in llava.named_parameters()}
+    rows = {"base": ({}, False), "vcd": ({}, True), "seed": ({name: torch.zeros_like(before[name])}, False)}
+    costs = train.answer_costs(llava, processor, str(tmp_path / "q.json"), str(tmp_path), 2, rows, repeats=2)
+    assert set(costs) == {"base", "vcd", "seed"} and all(seconds > 0 for seconds in costs.values())
+    assert all(torch.equal(p, before[n]) for n, p in llava.named_parameters())
