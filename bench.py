@@ -20,7 +20,6 @@ Each figure is the median of several repeats after a warm-up, with the spread (m
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys

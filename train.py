@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -305,8 +304,7 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
         ids = eval_pope.generate(model, inputs, 24, contrast=contrast, generators=generators,
                                  eos_token_id=processor.tokenizer.eos_token_id)
         for name, row in zip(chunk, ids):
-            words = set(re.findall(r"[a-z]+", processor.tokenizer.decode(row, skip_special_tokens=True).lower()))
-            mentioned = [o for o in object_names if o in words]
+            mentioned = seed.mentioned_objects(processor.tokenizer.decode(row, skip_special_tokens=True), object_names)
             hallucinated = [o for o in mentioned if o not in objects_by_image[name]]
             mentioned_total += len(mentioned)
             hallucinated_total += len(hallucinated)
