@@ -280,6 +280,7 @@ def pretrain(model, processor, world, config, progress=True):
     images = [render(scene, world, config) for scene in scenes]
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     tokenizer = processor.tokenizer
+    device = next(model.parameters()).device  # batches are built on the CPU and moved there
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, config.steps // 20)
@@ -305,7 +306,8 @@ def pretrain(model, processor, world, config, progress=True):
         for i in noisy.nonzero().flatten().tolist():
             step = int(torch.randint(config.noise_low, config.noise_high, (1,), generator=generator))
             pixels[i] = purge.distort(pixels[i], step, generator)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels, labels=labels).loss
+        loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                     pixel_values=pixels.to(device), labels=labels.to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -364,7 +366,7 @@ def yes_probability(model, processor, images, names, noise_step=None, seed=0):
     tokenizer = processor.tokenizer
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     inputs = eval_pope.prompt_batch(processor, images, [eval_pope.question_for(n) + eval_pope.PROMPT_SUFFIX
-                                                        for n in names])
+                                                        for n in names], next(model.parameters()).device)
     pixels = inputs["pixel_values"]
     if noise_step is not None:
         pixels = purge.distort(pixels, noise_step, torch.Generator().manual_seed(seed))
@@ -432,12 +434,24 @@ def cache_dir(config):
 
 
 def _publish(tmp, final):
-    """Move a fully written folder into place; readers only trust folders with a COMPLETE marker."""
+    """Move a fully written folder into place; readers only trust folders with a COMPLETE marker.
+
+    If another run published the same folder meanwhile, keep theirs (it is built from the same
+    settings) rather than delete files that run may be reading.
+    """
+    if os.path.exists(os.path.join(final, "COMPLETE")):
+        shutil.rmtree(tmp)
+        return
     with open(os.path.join(tmp, "COMPLETE"), "w") as f:
         f.write("ok\n")
-    if os.path.exists(final):
+    if os.path.exists(final):  # a crashed run's leftover, never trusted
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another run published between the check and here
+        if not os.path.exists(os.path.join(final, "COMPLETE")):
+            raise
+        shutil.rmtree(tmp)
 
 
 def build(config=None, progress=True):

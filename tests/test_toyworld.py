@@ -174,3 +174,15 @@ def test_false_positive_partners_counts_only_yes_to_absent_partners(tmp_path):
     eval_pope.write_jsonl(answers, tmp_path / "a.jsonl")
     share, base_rate, count = toyworld.false_positive_partners(tmp_path / "q.json", tmp_path / "a.jsonl", objects, world)
     assert (share, base_rate, count) == (0.5, 1 / 3, 2)
+
+
+def test_publishing_keeps_a_folder_another_run_completed(tmp_path):
+    final = tmp_path / "world"
+    first, second = tmp_path / "world.tmp-1", tmp_path / "world.tmp-2"
+    for folder, text in ((first, "first"), (second, "second")):
+        folder.mkdir()
+        (folder / "weights").write_text(text)
+    toyworld._publish(str(first), str(final))
+    toyworld._publish(str(second), str(final))  # a second run of the same settings finishing later
+    assert (final / "weights").read_text() == "first" and (final / "COMPLETE").exists()
+    assert not first.exists() and not second.exists()
