@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 from collections import Counter
 
@@ -38,6 +39,14 @@ def article(name):
 def question_for(name):
     """POPE's question, as in the official files."""
     return f"Is there {article(name)} {name} in the image?"
+
+
+def object_in(question):
+    """The object a POPE question asks about: the inverse of question_for."""
+    match = re.fullmatch(r"Is there an? (.+) in the image\?", question.strip())
+    if match is None:
+        raise ValueError(f"not a POPE question: {question!r}")
+    return match.group(1)
 
 
 def build_questions(objects_by_image, split, per_image=3, seed=0):

@@ -410,7 +410,7 @@ def false_positive_partners(question_file, answer_file, objects_by_image, world)
         q = questions[answer["question_id"]]
         if q["label"] != "no":
             continue
-        name = q["text"][len("Is there a "):-len(" in the image?")].removeprefix("n ")
+        name = eval_pope.object_in(q["text"])
         is_partner = name in {world["partner"][o] for o in objects_by_image[q["image"]]}
         said_yes = eval_pope.parse_answer(answer["text"]) == "yes"
         negatives, partner_negatives = negatives + 1, partner_negatives + is_partner

@@ -35,7 +35,8 @@ COCO_OBJECTS = (
     "tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot "
     "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
     "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
-    "toothbrush").replace("_", " ").split(" ")
+    "toothbrush")
+COCO_OBJECTS = [name.replace("_", " ") for name in COCO_OBJECTS.split()]  # 80 names, some of two words
 
 
 @dataclass

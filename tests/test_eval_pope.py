@@ -73,7 +73,7 @@ def test_builder_follows_the_format_and_the_rules(split):
     assert set(by_image(records)) == {"a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"}
     for image, rs in by_image(records).items():
         assert [r["label"] for r in rs] == ["yes", "no"] * 3
-        names = [r["text"][len("Is there a "):-len(" in the image?")].removeprefix("n ") for r in rs]
+        names = [eval_pope.object_in(r["text"]) for r in rs]
         assert all(n in ANNOTATIONS[image] for n in names[0::2])
         negatives = names[1::2]
         assert all(n not in ANNOTATIONS[image] for n in negatives) and len(set(negatives)) == 3
@@ -93,7 +93,7 @@ def test_adversarial_negatives_co_occur_most_with_their_positive():
     annotations.update({f"{i}.jpg": ["fish", "boat", "sea"] for i in range(3, 5)})
     annotations.update({"6.jpg": ["cat", "dog", "car"], "7.jpg": ["fish", "boat", "lamp"]})
     rs = by_image(eval_pope.build_questions(annotations, "adversarial"))
-    name = lambda r: r["text"][len("Is there a "):-len(" in the image?")]
+    name = lambda r: eval_pope.object_in(r["text"])
     pairs = [(name(p), name(n)) for p, n in zip(rs["6.jpg"][0::2], rs["6.jpg"][1::2])]
     # tree co-occurs 3x with cat and dog: it follows whichever of them comes first; the rest fall
     # back to the most frequent absent objects (boat, fish: 3 images each, ties by name).
@@ -107,6 +107,19 @@ def test_adversarial_negatives_co_occur_most_with_their_positive():
 def test_an_before_a_vowel():
     assert eval_pope.question_for("apple") == "Is there an apple in the image?"
     assert eval_pope.question_for("dog") == "Is there a dog in the image?"
+
+
+def test_object_in_inverts_question_for():
+    for name in ["apple", "dog", "traffic light", "hair drier", "anvil cat"]:
+        assert eval_pope.object_in(eval_pope.question_for(name)) == name
+    with pytest.raises(ValueError, match="not a POPE question"):
+        eval_pope.object_in("Describe the image.")
+    import train
+
+    assert len(set(train.COCO_OBJECTS)) == 80  # the names SEED probes real checkpoints with by default
+    if os.path.isdir(POPE_DIR):  # every official question asks about one of them
+        questions = eval_pope.load_questions(os.path.join(POPE_DIR, "coco_pope_adversarial.json"))
+        assert {eval_pope.object_in(q["text"]) for q in questions} <= set(train.COCO_OBJECTS)
 
 
 def test_bad_question_files_name_the_file_and_line(tmp_path):

@@ -97,7 +97,7 @@ def test_eval_labels_come_from_the_true_scene_contents(tmp_path):
         assert questions == [dict(q, _line=i + 1) for i, q in enumerate(
             eval_pope.build_questions(objects, split, seed=5))]
         for q in questions:
-            name = q["text"][len("Is there a "):-len(" in the image?")].removeprefix("n ")
+            name = eval_pope.object_in(q["text"])
             assert (q["label"] == "yes") == (name in objects[q["image"]])
             assert os.path.exists(tmp_path / "images" / q["image"])
 
