@@ -439,17 +439,15 @@ def _publish(tmp, final):
     If another run published the same folder meanwhile, keep theirs (it is built from the same
     settings) rather than delete files that run may be reading.
     """
-    if os.path.exists(os.path.join(final, "COMPLETE")):
-        shutil.rmtree(tmp)
-        return
+    complete = os.path.join(final, "COMPLETE")
     with open(os.path.join(tmp, "COMPLETE"), "w") as f:
         f.write("ok\n")
-    if os.path.exists(final):  # a crashed run's leftover, never trusted
+    if os.path.exists(final) and not os.path.exists(complete):  # a crashed run's leftover, never trusted
         shutil.rmtree(final)
     try:
-        os.replace(tmp, final)
-    except OSError:  # another run published between the check and here
-        if not os.path.exists(os.path.join(final, "COMPLETE")):
+        os.replace(tmp, final)  # fails if another run's folder is already there
+    except OSError:
+        if not os.path.exists(complete):
             raise
         shutil.rmtree(tmp)
 

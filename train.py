@@ -28,15 +28,14 @@ import adapter
 import eval_pope
 import seed
 
-COCO_OBJECTS = (
+COCO_OBJECTS = [name.replace("_", " ") for name in (  # 80 names, some of two words
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
     "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie "
     "suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard "
     "tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot "
     "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
     "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
-    "toothbrush")
-COCO_OBJECTS = [name.replace("_", " ") for name in COCO_OBJECTS.split()]  # 80 names, some of two words
+    "toothbrush").split()]
 
 
 @dataclass
@@ -134,11 +133,15 @@ def answer_costs(model, processor, question_file, image_dir, batch_size, rows, r
     swapped = sorted({name for weights, _ in rows.values() for name in weights})
     base = {name: parameters[name].detach().clone() for name in swapped}
     timings = {method: [] for method in rows}
+
+    @torch.no_grad()
+    def swap_in(weights):
+        for name in swapped:
+            parameters[name].copy_(weights.get(name, base[name]))
+
     for repeat in range(repeats + 1):
         for method, (weights, contrast) in rows.items():
-            with torch.no_grad():
-                for name in swapped:
-                    parameters[name].copy_(weights.get(name, base[name]))
+            swap_in(weights)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -148,9 +151,7 @@ def answer_costs(model, processor, question_file, image_dir, batch_size, rows, r
                 torch.cuda.synchronize()
             if repeat:  # the first round is the warm-up
                 timings[method].append((time.perf_counter() - start) / len(questions))
-    with torch.no_grad():
-        for name in swapped:
-            parameters[name].copy_(base[name])
+    swap_in({})  # the base weights back
     return {method: statistics.median(t) for method, t in timings.items()}
 
 
