@@ -373,6 +373,9 @@ def main(argv=None):
     answer.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
     answer.add_argument("--seed", type=int, default=0, help="seed of the sampling and distortion noise")
     answer.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit")
+    answer.add_argument("--alpha", type=float, default=1.0, help="vcd decodings: contrast strength (METHOD.md 2)")
+    answer.add_argument("--beta", type=float, default=0.1, help="vcd decodings: plausibility cut (METHOD.md 2)")
+    answer.add_argument("--noise-step", type=int, default=500, help="vcd decodings: diffusion step of the distortion")
     answer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     answer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
@@ -399,8 +402,10 @@ def main(argv=None):
         dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
                  "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         model, processor = load_model(args.model, args.device, dtype)
+        contrast = ({"alpha": args.alpha, "beta": args.beta, "noise_step": args.noise_step}
+                    if DECODINGS[args.decoding].get("contrast") else {})
         answers = answer_questions(model, processor, args.questions, args.images, args.out, args.decoding,
-                                   args.batch_size, args.seed, args.max_new_tokens)
+                                   args.batch_size, args.seed, args.max_new_tokens, **contrast)
         print(f"{len(answers)} answers in {args.out}")
     else:
         if len(args.questions) != len(args.answers):

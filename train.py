@@ -89,6 +89,11 @@ def parse_config(argv=None):
     return Config(**vars(args))
 
 
+def contrast_settings(config):
+    """The contrast of METHOD.md 2 as the flags set it: VCD decoding and SEED's teacher use the same one."""
+    return {"alpha": config.alpha, "beta": config.beta, "noise_step": config.noise_step}
+
+
 def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decodings=("greedy", "sample"),
              contrast=False):
     """POPE metrics: {decoding: {split: metrics}}; sampled decodings are the mean over seeds, with f1_std."""
@@ -104,7 +109,8 @@ def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decod
                 if not config.resume and os.path.exists(path):
                     os.remove(path)  # a fresh run starts from no answers; --resume keeps them
                 eval_pope.answer_questions(model, processor, question_file, image_dir, path, name,
-                                           config.eval_batch_size, seed=s, max_new_tokens=4, progress=config.progress)
+                                           config.eval_batch_size, seed=s, max_new_tokens=4, progress=config.progress,
+                                           **(contrast_settings(config) if contrast else {}))
                 runs.append(eval_pope.score_files(question_file, path))
             metrics = {k: statistics.mean(r[k] for r in runs) for k in ("accuracy", "precision", "recall", "f1",
                                                                            "yes_ratio")}
@@ -230,7 +236,8 @@ def main(argv=None):
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             pope = evaluate(model, processor, pope_files, image_dir, answers_dir, config, contrast=contrast)
             if caption_set is not None:
-                pope["captions"] = caption_hallucination(model, processor, *caption_set, contrast=contrast)
+                pope["captions"] = caption_hallucination(model, processor, *caption_set, contrast=contrast,
+                                                         **contrast_settings(config))
         results[method] = pope
         save_results()
 
@@ -290,9 +297,11 @@ def main(argv=None):
     return results
 
 
-def caption_hallucination(model, processor, image_dir, objects_by_image, object_names, contrast=False, batch_size=64):
+def caption_hallucination(model, processor, image_dir, objects_by_image, object_names, contrast=False, batch_size=64,
+                          **contrast_options):
     """CHAIR-style figures on held-out descriptions: share of mentioned objects not in the scene
-    (chair_i) and share of captions with any (chair_s). Toy world only: it needs true contents."""
+    (chair_i) and share of captions with any (chair_s). Toy world only: it needs true contents.
+    contrast_options (alpha, beta, noise_step) set the contrast when `contrast` is on."""
     from PIL import Image
 
     names = sorted(objects_by_image)
@@ -304,7 +313,7 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
         inputs = eval_pope.prompt_batch(processor, images, ["Describe the image."] * len(chunk), device)
         generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
         ids = eval_pope.generate(model, inputs, 24, contrast=contrast, generators=generators,
-                                 eos_token_id=processor.tokenizer.eos_token_id)
+                                 eos_token_id=processor.tokenizer.eos_token_id, **contrast_options)
         for name, row in zip(chunk, ids):
             mentioned = seed.mentioned_objects(processor.tokenizer.decode(row, skip_special_tokens=True), object_names)
             hallucinated = [o for o in mentioned if o not in objects_by_image[name]]
