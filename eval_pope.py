@@ -248,6 +248,11 @@ DECODINGS = {"greedy": dict(), "sample": dict(sample=True), "vcd": dict(sample=T
              "vcd-greedy": dict(contrast=True)}
 
 
+def contrast_settings(options):
+    """The contrast of METHOD.md 2 (alpha, beta, noise_step) as read from parsed flags, for vcd decodings."""
+    return {"alpha": options.alpha, "beta": options.beta, "noise_step": options.noise_step}
+
+
 def answer_questions(model, processor, question_file, image_dir, out_path, decoding="greedy", batch_size=16,
                      seed=0, max_new_tokens=8, progress=True, **decode_options):
     """Answer every question of `question_file`, appending JSON lines to `out_path` as they come.
@@ -402,8 +407,7 @@ def main(argv=None):
         dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
                  "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         model, processor = load_model(args.model, args.device, dtype)
-        contrast = ({"alpha": args.alpha, "beta": args.beta, "noise_step": args.noise_step}
-                    if DECODINGS[args.decoding].get("contrast") else {})
+        contrast = contrast_settings(args) if DECODINGS[args.decoding].get("contrast") else {}
         answers = answer_questions(model, processor, args.questions, args.images, args.out, args.decoding,
                                    args.batch_size, args.seed, args.max_new_tokens, **contrast)
         print(f"{len(answers)} answers in {args.out}")

@@ -89,11 +89,6 @@ def parse_config(argv=None):
     return Config(**vars(args))
 
 
-def contrast_settings(config):
-    """The contrast of METHOD.md 2 as the flags set it: VCD decoding and SEED's teacher use the same one."""
-    return {"alpha": config.alpha, "beta": config.beta, "noise_step": config.noise_step}
-
-
 def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decodings=("greedy", "sample"),
              contrast=False):
     """POPE metrics: {decoding: {split: metrics}}; sampled decodings are the mean over seeds, with f1_std."""
@@ -108,9 +103,10 @@ def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decod
                 path = os.path.join(answers_dir, f"{name}_{split}_seed{s}.jsonl")
                 if not config.resume and os.path.exists(path):
                     os.remove(path)  # a fresh run starts from no answers; --resume keeps them
+                # VCD contrasts with the flags' alpha, beta and noise step, the same contrast as SEED's teacher
                 eval_pope.answer_questions(model, processor, question_file, image_dir, path, name,
                                            config.eval_batch_size, seed=s, max_new_tokens=4, progress=config.progress,
-                                           **(contrast_settings(config) if contrast else {}))
+                                           **(eval_pope.contrast_settings(config) if contrast else {}))
                 runs.append(eval_pope.score_files(question_file, path))
             metrics = {k: statistics.mean(r[k] for r in runs) for k in ("accuracy", "precision", "recall", "f1",
                                                                            "yes_ratio")}
@@ -237,7 +233,7 @@ def main(argv=None):
             pope = evaluate(model, processor, pope_files, image_dir, answers_dir, config, contrast=contrast)
             if caption_set is not None:
                 pope["captions"] = caption_hallucination(model, processor, *caption_set, contrast=contrast,
-                                                         **contrast_settings(config))
+                                                         **eval_pope.contrast_settings(config))
         results[method] = pope
         save_results()
 

@@ -23,6 +23,19 @@ def llava(processor):
 
 
 @pytest.fixture
+def generate_calls(monkeypatch):
+    """The contrast settings of every eval_pope.generate call (the real generate still runs)."""
+    seen, real = [], eval_pope.generate
+
+    def recording(*args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("contrast", "alpha", "beta", "noise_step")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eval_pope, "generate", recording)
+    return seen
+
+
+@pytest.fixture
 def llava_inputs(processor):
     """A left-padded batch of two image + question prompts, as eval_pope builds them."""
     from PIL import Image

@@ -225,7 +225,7 @@ def test_cli_build_and_score(tmp_path, capsys):
     assert metrics["yes_ratio"] == 1.0 and metrics["recall"] == 1.0 and metrics["precision"] == 0.5
 
 
-def test_cli_answer_passes_the_contrast_flags_to_vcd_decoding(llava, processor, tmp_path, monkeypatch):
+def test_cli_answer_passes_the_contrast_flags_to_vcd_decoding(llava, processor, tmp_path, generate_calls):
     from PIL import Image
 
     llava.save_pretrained(tmp_path / "model")
@@ -233,18 +233,11 @@ def test_cli_answer_passes_the_contrast_flags_to_vcd_decoding(llava, processor, 
     Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "im.png")
     eval_pope.write_jsonl([{"question_id": 0, "image": "im.png", "text": "Is there a cat in the image?",
                             "label": "yes"}], tmp_path / "q.json")
-    seen, real = [], eval_pope.generate
-
-    def recording(*args, **kwargs):  # the real generate runs; only its settings are written down
-        seen.append({k: kwargs.get(k) for k in ("contrast", "alpha", "beta", "noise_step")})
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(eval_pope, "generate", recording)
     common = ["answer", "--model", str(tmp_path / "model"), "--questions", str(tmp_path / "q.json"),
               "--images", str(tmp_path), "--device", "cpu", "--max-new-tokens", "2"]
     eval_pope.main(common + ["--out", str(tmp_path / "vcd.jsonl"), "--decoding", "vcd-greedy", "--alpha", "0.5",
                              "--beta", "0.2", "--noise-step", "700"])
     eval_pope.main(common + ["--out", str(tmp_path / "greedy.jsonl"), "--decoding", "greedy"])
-    assert seen == [{"contrast": True, "alpha": 0.5, "beta": 0.2, "noise_step": 700},
-                    {"contrast": None, "alpha": None, "beta": None, "noise_step": None}]
+    assert generate_calls == [{"contrast": True, "alpha": 0.5, "beta": 0.2, "noise_step": 700},
+                              {"contrast": None, "alpha": None, "beta": None, "noise_step": None}]
     assert len(eval_pope.read_answers(str(tmp_path / "vcd.jsonl"))) == 1

@@ -108,20 +108,13 @@ def test_answer_costs_times_every_row_and_puts_the_base_weights_back(llava, proc
     assert all(torch.equal(p, before[n]) for n, p in llava.named_parameters())
 
 
-def test_vcd_rows_use_the_contrast_the_flags_set(llava, processor, tmp_path, monkeypatch):
+def test_vcd_rows_use_the_contrast_the_flags_set(llava, processor, tmp_path, generate_calls):
     """The VCD row and its captions contrast with --alpha / --beta / --noise-step, as SEED's teacher does."""
     from PIL import Image
 
     import eval_pope
     import train
 
-    seen, real = [], eval_pope.generate
-
-    def recording(*args, **kwargs):  # the real generate runs; only its settings are written down
-        seen.append({k: kwargs.get(k) for k in ("contrast", "alpha", "beta", "noise_step")})
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(eval_pope, "generate", recording)
     for i in range(2):
         Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / f"im{i}.png")
     questions = [{"question_id": i, "image": f"im{i}.png", "text": "Is there a cat in the image?", "label": "no"}
@@ -132,6 +125,6 @@ def test_vcd_rows_use_the_contrast_the_flags_set(llava, processor, tmp_path, mon
     train.evaluate(llava, processor, {"random": str(tmp_path / "q.json")}, str(tmp_path), str(tmp_path / "answers"),
                    config, contrast=True)
     train.caption_hallucination(llava, processor, str(tmp_path), {"im0.png": ["cat"], "im1.png": []}, ["cat"],
-                                contrast=True, **train.contrast_settings(config))
-    assert len(seen) == 3  # greedy, one sampling seed, captions
-    assert all(s == {"contrast": True, "alpha": 0.5, "beta": 0.2, "noise_step": 700} for s in seen)
+                                contrast=True, **eval_pope.contrast_settings(config))
+    assert len(generate_calls) == 3  # greedy, one sampling seed, captions
+    assert all(s == {"contrast": True, "alpha": 0.5, "beta": 0.2, "noise_step": 700} for s in generate_calls)
