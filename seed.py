@@ -254,7 +254,7 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
 # ---------------------------------------------------------------------------------------------
 # Self-evolution
 
-def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=300, loss="reverse", batch_size=32,
+def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=600, loss="reverse", batch_size=32,
            lr=2e-3, rank=8, adapter_alpha=16.0, targets=("q_proj", "v_proj"), alpha=1.0, beta=0.1, noise_step=500,
            probes_per_image=6, description="Describe the image.", max_new_tokens=24, checkpoint_every=50,
            resume=False, seed=0, autocast_dtype=None, progress=True):

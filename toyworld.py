@@ -7,16 +7,19 @@ The world, from one `world_seed`:
 - 16 object classes, each a word and a glyph (shape x colour, so naming one needs both), with a
   skewed frequency and partner pairs: an object usually brings its partner, drawn small.
 - Scenes of 1-4 objects rendered with pillow at the vision tower's resolution.
-- Training text with the two habits that make real LVLMs hallucinate: frequent objects, and
-  partners *mentioned* in captions and yes/no answers though not drawn (`mention_rate`), as in
-  crowd- or LLM-written instruction data.
+- Training text with the habits that make real LVLMs hallucinate: frequent objects; partners
+  *mentioned* in captions and yes/no answers though not drawn (`mention_rate`), as in crowd- or
+  LLM-written instruction data; and yes/no questions asked mostly about objects that are there
+  (`asked_present_rate`), so the model leans to "yes" as the LVLMs that POPE measured do.
 - A real transformers LlavaForConditionalGeneration from a tiny config, a word-level tokenizer made
   with `tokenizers`, and a LlavaProcessor with a PIL image processor and a chat template, so every
   other file takes the code path it takes with llava-hf/llava-1.5-7b-hf.
 - Pretraining on the CPU; about a fifth of the images are shown with diffusion noise
   (purge.distort) and unchanged text, as real data varies in quality. Without that, a distorted
   image makes a model plainly unsure (P(yes) near 0.5) instead of falling back on its prior, and the
-  contrast of METHOD.md 2 has nothing to isolate. `diagnose` shows which happened.
+  contrast of METHOD.md 2 has nothing to isolate. The prior it falls back on is the text's: the
+  questions' lean to "yes", strongest for the partners the text names anyway. `diagnose` shows
+  whether that happened (P(yes) on absent partners rises under distortion).
 Evaluation labels always come from the true scene contents, never from the (noisy) text.
 """
 import hashlib
@@ -52,6 +55,7 @@ class WorldConfig:
     image_size: int = 32        # pixels; the vision tower's resolution
     partner_rate: float = 0.6   # P(an object's partner is drawn beside it)
     mention_rate: float = 0.7   # P(an undrawn partner is mentioned anyway): the hallucination habit
+    asked_present_rate: float = 0.8  # P(a yes/no training question asks about an object that is there)
     contrast: float = 0.5       # large glyphs: colour blended this far from the background
     small_contrast: float = 0.6  # small glyphs: colour strength of the partners drawn small
     small_radius: float = 0.18  # radius of a small (partner) glyph, as a share of its grid cell
@@ -156,12 +160,16 @@ def caption(scene, world, rng, mention_rate):
     return f"there is {listed} ."
 
 
-def probe(scene, world, rng, mention_rate):
-    """A yes/no question and its (noisy) answer: absent partners are answered 'yes' at mention_rate."""
+def probe(scene, world, rng, mention_rate, asked_present_rate=0.8):
+    """A yes/no question and its (noisy) answer: absent partners are answered 'yes' at mention_rate.
+
+    Most questions (asked_present_rate) are about objects that are there, as in instruction data, so
+    a model that cannot see leans to "yes": the language prior that the contrast later isolates.
+    """
     present = scene_objects(scene)
     absent = [n for n in world["names"] if n not in present]
     partners = [world["partner"][n] for n in present if world["partner"][n] in absent]
-    if rng.random() < 0.5:
+    if rng.random() < asked_present_rate:
         return rng.choice(present), "yes"
     if partners and rng.random() < 0.5:
         return rng.choice(partners), ("yes" if rng.random() < mention_rate else "no")
@@ -295,7 +303,7 @@ def pretrain(model, processor, world, config, progress=True):
                 text = caption(scenes[index], world, rng, config.mention_rate)
                 sequences.append((prompt_ids(processor, DESCRIBE), response_ids(tokenizer, text)))
             else:
-                name, answer = probe(scenes[index], world, rng, config.mention_rate)
+                name, answer = probe(scenes[index], world, rng, config.mention_rate, config.asked_present_rate)
                 sequences.append((prompt_ids(processor, eval_pope.question_for(name) + eval_pope.PROMPT_SUFFIX),
                                   response_ids(tokenizer, answer)))
         input_ids, attention_mask, labels = collate(sequences, tokenizer.pad_token_id)
@@ -423,7 +431,7 @@ def false_positive_partners(question_file, answer_file, objects_by_image, world)
 # ---------------------------------------------------------------------------------------------
 # The cache: build once, then reload with from_pretrained like a real checkpoint
 
-CACHE_VERSION = 1  # bump when a change to this file changes the world or its training
+CACHE_VERSION = 2  # bump when a change to this file changes the world or its training
 
 
 def cache_dir(config):

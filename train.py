@@ -51,7 +51,7 @@ class Config:
     pretrain_steps: int = field(default=2400, metadata={"help": "toy world: pretraining steps of the base model"})
     seed: int = field(default=0, metadata={"help": "seed of everything else (adapter init, batches, noise)"})
     rounds: int = field(default=1, metadata={"help": "self-evolution rounds (METHOD.md 5; paper: 1)"})
-    steps: int = field(default=300, metadata={"help": "SEED optimiser steps per round (ours)"})
+    steps: int = field(default=600, metadata={"help": "SEED optimiser steps per round (ours)"})
     loss: str = field(default="both", metadata={"help": "reverse (SEED), forward (classic KD) or both (the "
                                                         "paper's ablation)", "choices": ["both", "reverse", "forward"]})
     batch_size: int = field(default=32, metadata={"help": "SEED examples per step (ours)"})

@@ -83,6 +83,18 @@ def test_training_text_has_the_hallucination_habits():
     assert max(counts.values()) > 4 * min(counts.values())  # frequent objects
 
 
+def test_training_questions_lean_to_yes_at_the_asked_present_rate():
+    world = toyworld.make_world(0)
+    rng = random.Random(0)
+    scenes = [toyworld.sample_scene(world, rng) for _ in range(4000)]
+    for rate in (0.5, 0.8):
+        asked = [(s, *toyworld.probe(s, world, rng, 0.0, rate)) for s in scenes]
+        about_present = sum(name in toyworld.scene_objects(s) for s, name, _ in asked) / len(asked)
+        assert abs(about_present - rate) < 0.03
+        # With mention_rate 0 the answers are the truth: "yes" exactly for objects that are there.
+        assert all((answer == "yes") == (name in toyworld.scene_objects(s)) for s, name, answer in asked)
+
+
 def test_eval_labels_come_from_the_true_scene_contents(tmp_path):
     world = toyworld.make_world(0)
     files = toyworld.write_eval_set(world, str(tmp_path), n_images=30, seed=5)
