@@ -160,7 +160,7 @@ def caption(scene, world, rng, mention_rate):
     return f"there is {listed} ."
 
 
-def probe(scene, world, rng, mention_rate, asked_present_rate=0.8):
+def probe(scene, world, rng, mention_rate, asked_present_rate):
     """A yes/no question and its (noisy) answer: absent partners are answered 'yes' at mention_rate.
 
     Most questions (asked_present_rate) are about objects that are there, as in instruction data, so
