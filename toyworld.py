@@ -45,6 +45,13 @@ COLOURS = {"red": (225, 45, 45), "green": (40, 185, 60), "blue": (50, 90, 235), 
            "white": (240, 240, 240)}
 BACKGROUND = (70, 70, 70)
 DESCRIBE = "Describe the image."
+# The distortion step for this world's images (train.py's default here; VCD's 500 on real photos).
+# At k = 500 a pixel keeps 74 % of its signal's variance (abar_500 = 0.74) and flat 32-pixel glyphs
+# stay legible: with a logit written as prior plus evidence, z = P + e, the distorted one keeps most
+# of the evidence (z' = P + lambda e, lambda near 1), so the contrast c = 2z - z' = P + (2 - lambda) e
+# hardly moves an answer. At k = 700 (abar = 0.35) less evidence survives, and VCD's own greedy gain
+# on popular / adversarial rises from +0.7..+3.6 to +2.2..+4.1 F1 (worlds 0-6).
+NOISE_STEP = 700
 
 
 @dataclass
@@ -383,7 +390,7 @@ def yes_probability(model, processor, images, names, noise_step=None, seed=0):
     return torch.softmax(logits[:, [yes, no]], dim=-1)[:, 0]
 
 
-def diagnose(model, processor, world, n_images=200, seed=30_000, noise_step=500, config=None):
+def diagnose(model, processor, world, n_images=200, seed=30_000, noise_step=NOISE_STEP, config=None):
     """Mean P(yes) on clean vs distorted images for objects truly there and for absent partners.
 
     The contrast works if distortion lowers P(yes) on real objects far more than on hallucinated
@@ -502,7 +509,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Build (or reload) the toy world's LLaVA and show why the contrast works.")
     parser.add_argument("--world-seed", type=int, default=0, help="which world (classes, glyphs, partners)")
-    parser.add_argument("--noise-step", type=int, default=500, help="diffusion step of the distortion (0..999)")
+    parser.add_argument("--noise-step", type=int, default=NOISE_STEP, help="diffusion step of the distortion (0..999)")
     args = parser.parse_args()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -60,7 +60,11 @@ class Config:
     adapter_alpha: float = field(default=16.0, metadata={"help": "adapter scale alpha_r; update = alpha_r / r B A"})
     alpha: float = field(default=1.0, metadata={"help": "contrast strength: c = (1 + alpha) z - alpha z' (VCD)"})
     beta: float = field(default=0.1, metadata={"help": "plausibility cut: keep p >= beta p_max (VCD)"})
-    noise_step: int = field(default=500, metadata={"help": "diffusion step k of the distortion, 0..999 (VCD)"})
+    noise_step: int = field(default=None, metadata={"help": "diffusion step k of the distortion, 0..999; none: VCD's "
+                                                            "500 with --model, toyworld.NOISE_STEP (700) on the toy world"})
+    void_eps: float = field(default=1e-4, metadata={"help": "reverse KL: floor on the purified teacher's void "
+                                                            "probabilities; student mass on a void costs log(1/eps) "
+                                                            "nats each (ours; losses.reverse_kl's default is 1e-8)"})
     unlabeled: int = field(default=400, metadata={"help": "toy world: unlabeled images for SEED"})
     probes_per_image: int = field(default=6, metadata={"help": "yes/no probes the model answers per unlabeled image"})
     eval_images: int = field(default=250, metadata={"help": "toy world: held-out POPE images (6 questions each)"})
@@ -86,6 +90,10 @@ def parse_config(argv=None):
     args = parser.parse_args(argv)
     if args.model and not (args.images and args.pope and args.pope_images):
         parser.error("--model needs --images, --pope and --pope-images (no data is downloaded)")
+    if args.noise_step is None:  # glyphs on a flat background survive more noise than photographs
+        import toyworld
+
+        args.noise_step = 500 if args.model else toyworld.NOISE_STEP
     return Config(**vars(args))
 
 
@@ -266,7 +274,7 @@ def main(argv=None):
             adapter_alpha=config.adapter_alpha, alpha=config.alpha, beta=config.beta, noise_step=config.noise_step,
             probes_per_image=config.probes_per_image, description=description,
             checkpoint_every=config.checkpoint_every, resume=config.resume, seed=config.seed,
-            autocast_dtype=autocast, progress=config.progress)
+            autocast_dtype=autocast, progress=config.progress, void_eps=config.void_eps)
         measure(method, model, processor)
         results[method]["void_mass"] = [h["void_mass"] for h in history]
         results[method]["void_mass_at_start"] = [h["void_mass_at_start"] for h in history]

@@ -103,6 +103,23 @@ def test_seed_step_teacher_is_the_purified_base(llava, processor):
     assert value.item() == pytest.approx(losses.reverse_kl(student, teacher).item())
 
 
+def test_void_eps_sets_the_reverse_kl_floor(llava, processor):
+    """seed_step's void_eps is the reverse KL's floor: at init the student has mass on every void."""
+    batch, _, _ = llava_batch(processor)
+    adapter.add_adapter(llava)
+    values = {}
+    for eps in (1e-8, 1e-2):  # beta 0.9: a strict plausibility cut, so the untrained model's rows have voids
+        value, teacher, student = seed.seed_step(llava, batch, beta=0.9, generator=torch.Generator().manual_seed(5),
+                                                 void_eps=eps)
+        assert torch.isinf(teacher).any()
+        assert value.item() == pytest.approx(losses.reverse_kl(student, teacher, eps=eps).item())
+        values[eps] = value.item()
+    assert values[1e-2] < values[1e-8]  # a higher floor charges the void mass less
+    forward, teacher, student = seed.seed_step(llava, batch, "forward", beta=0.9,
+                                               generator=torch.Generator().manual_seed(5), void_eps=1e-2)
+    assert forward.item() == pytest.approx(losses.forward_kl(student, teacher).item())  # no floor in forward KL
+
+
 def small_evolve(model, processor, out_dir, **kwargs):
     import toyworld
 
@@ -145,6 +162,23 @@ def test_two_round_evolve_merges_twice(llava, processor, tmp_path):
     assert os.path.exists(tmp_path / "round0" / "adapter.safetensors")
     assert os.path.exists(tmp_path / "round1" / "adapter.safetensors")
     assert all(len(h["log"]) == 6 and 0 <= h["void_mass"] <= 1 for h in history)
+
+
+def test_evolve_trains_at_its_void_eps(llava, processor, tmp_path, monkeypatch):
+    seen = []
+    real = losses.reverse_kl
+
+    def recording_reverse_kl(student, teacher, mask=None, eps=1e-8):
+        if torch.is_grad_enabled():  # a training step, not the no-grad void-mass measurement
+            seen.append(eps)
+        return real(student, teacher, mask, eps)
+
+    monkeypatch.setattr(losses, "reverse_kl", recording_reverse_kl)
+    small_evolve(llava, processor, str(tmp_path / "a"), steps=2, checkpoint_every=0, void_eps=3e-3)
+    assert seen == [3e-3, 3e-3]  # both training steps; the void-mass measurements need no loss
+    seen.clear()
+    small_evolve(llava, processor, str(tmp_path / "b"), steps=1, checkpoint_every=0)
+    assert seen == [1e-4]  # the default of the training recipe
 
 
 def test_resume_equals_an_uninterrupted_run(processor, tmp_path, monkeypatch):

@@ -120,11 +120,22 @@ def test_vcd_rows_use_the_contrast_the_flags_set(llava, processor, tmp_path, gen
     questions = [{"question_id": i, "image": f"im{i}.png", "text": "Is there a cat in the image?", "label": "no"}
                  for i in range(2)]
     eval_pope.write_jsonl(questions, str(tmp_path / "q.json"))
-    config = train.parse_config(["--alpha", "0.5", "--beta", "0.2", "--noise-step", "700", "--sample-seeds", "1",
+    config = train.parse_config(["--alpha", "0.5", "--beta", "0.2", "--noise-step", "600", "--sample-seeds", "1",
                                  "--no-progress", "--out", str(tmp_path / "out")])
     train.evaluate(llava, processor, {"random": str(tmp_path / "q.json")}, str(tmp_path), str(tmp_path / "answers"),
                    config, contrast=True)
     train.caption_hallucination(llava, processor, str(tmp_path), {"im0.png": ["cat"], "im1.png": []}, ["cat"],
                                 contrast=True, **eval_pope.contrast_settings(config))
     assert len(generate_calls) == 3  # greedy, one sampling seed, captions
-    assert all(s == {"contrast": True, "alpha": 0.5, "beta": 0.2, "noise_step": 700} for s in generate_calls)
+    assert all(s == {"contrast": True, "alpha": 0.5, "beta": 0.2, "noise_step": 600} for s in generate_calls)
+
+
+def test_noise_step_defaults_to_the_toy_worlds_or_vcds():
+    import toyworld
+    import train
+
+    assert train.parse_config([]).noise_step == toyworld.NOISE_STEP == 700
+    real = ["--model", "m", "--images", "i", "--pope", "p", "--pope-images", "v"]
+    assert train.parse_config(real).noise_step == 500  # VCD's, on a real checkpoint
+    assert train.parse_config(real + ["--noise-step", "650"]).noise_step == 650
+    assert train.parse_config(["--noise-step", "400"]).noise_step == 400
