@@ -10,8 +10,9 @@ Elimination Adapter), seed.py (self-evolution rounds) and eval_pope.py (POPE).
 
 Rows of the table: base; VCD decoding (the contrast at inference, two passes per token); SEED with
 forward KL (classic distillation, the paper's ablation); SEED with reverse KL (the paper).
-Everything printed is also in <out>/results.json. Not from the paper (ours): the toy world, the
-step counts and learning rate, CHAIR-style caption figures on the toy world only.
+Everything printed is also in <out>/results.json. Not from the paper (ours): the toy world and its
+noise step (700; VCD's 500 with --model), the step counts and learning rate, the reverse KL's void
+floor while training (1e-4), CHAIR-style caption figures on the toy world only.
 """
 import argparse
 import dataclasses
