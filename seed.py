@@ -10,11 +10,11 @@ adapter, and distil the purified distribution back into the model with the rever
 Merge the adapter; the merged model is the next round's teacher.
 
 Not from the paper (ours): the probe and description prompts, the optimiser and step counts,
-and three economies that do not change the result: logits are computed at response positions
-only (never a [batch, length, vocabulary] float32 copy), the clean vision features are computed
-once per image and shared by the teacher's clean pass and the student's pass (the adapter lives in
-the language model, so they are identical), and the teacher's logits are freed before the
-student's backward.
+the reverse KL's void floor while training (1e-4, `evolve(void_eps=)`), and three economies that
+do not change the result: logits are computed at response positions only (never a [batch, length,
+vocabulary] float32 copy), the clean vision features are computed once per image and shared by the
+teacher's clean pass and the student's pass (the adapter lives in the language model, so they are
+identical), and the teacher's logits are freed before the student's backward.
 """
 import json
 import os
@@ -263,9 +263,9 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=600,
     """Run `rounds` rounds of SEED on `model` in place; returns it merged, with a log of each round.
 
     void_eps (reverse KL only) prices a unit of student mass on a void at log(1 / void_eps) nats.
-    1e-4 (9.2 nats; ours) rather than the loss's 1e-8 (18.4): at 1e-8 the void term's gradient takes
-    most of the adapter's steps, and the student drains tail mass from the voids while carrying over
-    only part of the teacher's changed answers. See the README's table of what was tried.
+    1e-4 (9.2 nats; ours) rather than the loss's 1e-8 (18.4): at 1e-8 the void terms are most of the
+    loss and of its gradient, and the student drains tail mass from the voids while carrying over
+    only part of the teacher's changed answers (measured in the README).
 
     Each round writes <out_dir>/round<r>/adapter.safetensors; checkpoints go to <out_dir>/checkpoint
     every `checkpoint_every` steps, and resume=True continues from there with the same result as an
