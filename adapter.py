@@ -49,12 +49,18 @@ class AdapterLinear(nn.Module):
 
 
 def language_model(model):
-    """The decoder an LVLM's adapter belongs in (LLaVA, InternVL: model.model.language_model)."""
+    """The decoder an LVLM's adapter belongs in (LLaVA, InternVL, Qwen2-VL: model.model.language_model).
+
+    Refuses a model without one rather than fall back to the whole model: the targets would then
+    also match q_proj / v_proj in the vision tower, and the vision features would no longer be the
+    same with the adapter on and off (the SEED step shares them between teacher and student).
+    """
     for owner in (getattr(model, "model", None), model):
         decoder = getattr(owner, "language_model", None)
         if isinstance(decoder, nn.Module):
             return decoder
-    return model
+    raise ValueError(f"{type(model).__name__} has no `language_model` (looked for model.model.language_model and "
+                     f"model.language_model): give the adapter the decoder it belongs in")
 
 
 def adapter_layers(model):

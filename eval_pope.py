@@ -25,6 +25,8 @@ from collections import Counter
 
 import torch
 
+import purge
+
 PROMPT_SUFFIX = " Please answer this question with one word."
 SPLITS = ("random", "popular", "adversarial")
 
@@ -52,14 +54,26 @@ def object_in(question):
 def build_questions(objects_by_image, split, per_image=3, seed=0):
     """POPE questions for one split, in the official record format, alternating yes / no.
 
-    objects_by_image maps an image file name to the objects truly in it. Negatives are absent from
-    the image and not repeated for it: `random` uniformly among all objects seen, `popular` the
+    objects_by_image maps an image file name to the objects truly in it. The positives ("yes"
+    questions) are the same in all three splits, as in the official files; the negatives are absent
+    from the image and not repeated for it: `random` uniformly among all objects seen, `popular` the
     most frequent (by images containing them), `adversarial` those that co-occur most with the
     positive they follow.
+
+    Where this differs from POPE's build script (AoiDragon/POPE, utils.py `pope`):
+    - positives are a seeded random sample of the image's objects; the script takes the first
+      `per_image` objects in annotation order;
+    - ties in frequency or co-occurrence go to the more frequent object, then to the name in
+      alphabetical order; the script keeps the order in which objects were first seen;
+    - when no absent object co-occurs with a positive, adversarial takes the most frequent absent
+      one; the script falls back to a random object;
+    - images with fewer than `per_image` objects, or fewer absent ones, are skipped (the script
+      expects every image to have enough).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = random.Random(seed)
+    positives_rng = random.Random(seed)  # used for positives only, so every split draws the same ones
+    negatives_rng = random.Random(f"{seed}/{split}")
     present = {image: list(dict.fromkeys(objects)) for image, objects in objects_by_image.items()}
     frequency = Counter(o for objects in present.values() for o in objects)
     vocabulary = sorted(frequency)
@@ -71,12 +85,12 @@ def build_questions(objects_by_image, split, per_image=3, seed=0):
         absent = [o for o in vocabulary if o not in objects]
         if len(objects) < per_image or len(absent) < per_image:
             continue
-        positives = rng.sample(objects, per_image)
+        positives = positives_rng.sample(objects, per_image)
         negatives = []
         for positive in positives:
             candidates = [o for o in absent if o not in negatives]
             if split == "random":
-                negatives.append(rng.choice(candidates))
+                negatives.append(negatives_rng.choice(candidates))
             elif split == "popular":
                 negatives.append(next(o for o in by_popularity if o in candidates))
             else:  # the absent object seen most often beside this positive (then the most frequent)
@@ -131,24 +145,36 @@ def load_questions(path):
 
 
 def read_answers(path):
-    """Answers already written to a JSON-lines file; a torn last line (a crash mid-write) is cut off."""
+    """Answers in a JSON-lines file, read only: blank lines are skipped, a bad line is an error
+    naming the file and the line. The file is never changed (scoring must not alter what it scores)."""
     if not os.path.exists(path):
-        return []
-    answers, good_bytes = [], 0
+        raise ValueError(f"{path}: no such answers file")
+    answers = []
     with open(path, "rb") as f:
-        for raw in f:
+        for line_number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
             try:
                 answers.append(json.loads(raw))
-            except json.JSONDecodeError:
-                break
-            if not raw.endswith(b"\n"):
-                answers.pop()
-                break
-            good_bytes += len(raw)
-    if good_bytes != os.path.getsize(path):
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not a JSON line ({error.msg})") from None
     return answers
+
+
+def resume_answers(path):
+    """The answers a resumed run keeps: read_answers, after cutting a torn final line (a crash mid-write
+    leaves one without its newline). Only the writer of the file, resuming it, may do that."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        print(f"{path}: cut a torn last line ({len(data) - keep} bytes, no newline): a crash mid-write; "
+              f"that answer is made again", file=sys.stderr)
+    return read_answers(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,16 +195,41 @@ def _sample_next(logits, generators, temperature, top_p):
     return (logits + gumbel).argmax(-1)
 
 
+def placeholder_token_ids(model, processor=None):
+    """Ids of the tokens that stand for an image or video (and the markers a processor writes around
+    them): never a valid token of an answer, since the next pass would read it as a placeholder."""
+    ids = {getattr(model.config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id")}
+    if processor is not None:
+        ids |= set(processor.image_token_ids) | set(processor.video_token_ids)
+    return sorted(i for i in ids if i is not None)
+
+
+def distort_per_question(pixel_values, input_ids, image_token_id, noise_step, generators):
+    """Each question's images (all of its tiles) distorted with that question's own generator.
+
+    InternVL cuts an image into 1..12 tiles, so pixel_values has one row per tile, not per question;
+    a question's share of the rows follows its share of the image placeholders. Noise drawn per
+    question keeps each answer independent of the batch it was answered in.
+    """
+    placeholders = (input_ids == image_token_id).sum(-1).tolist()  # per question
+    per_tile = sum(placeholders) // pixel_values.shape[0]  # placeholders per tile (LLaVA: one tile per image)
+    if per_tile == 0 or per_tile * pixel_values.shape[0] != sum(placeholders):
+        raise ValueError(f"{sum(placeholders)} image placeholders do not split evenly over {pixel_values.shape[0]} "
+                         f"image tiles")
+    tiles = torch.split(pixel_values, [n // per_tile for n in placeholders])
+    return torch.cat([purge.distort(t, noise_step, g) for t, g in zip(tiles, generators)])
+
+
 @torch.no_grad()
 def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, generators=None,
-             temperature=1.0, top_p=1.0, alpha=1.0, beta=0.1, noise_step=500, eos_token_id=None):
+             temperature=1.0, top_p=1.0, alpha=1.0, beta=0.1, noise_step=500, eos_token_id=None,
+             suppress_token_ids=()):
     """Decode a left-padded batch from the processor; returns a list of generated token-id lists.
 
     contrast=True is VCD decoding: a second pass on the distorted image at every token, and the
     next token is chosen from purge.purify(clean, distorted) instead of the clean logits.
+    The image placeholders (placeholder_token_ids(model), plus suppress_token_ids) are never emitted.
     """
-    import purge
-
     batch = inputs["input_ids"].shape[0]
     if (sample or contrast) and generators is None:
         generators = [torch.Generator().manual_seed(i) for i in range(batch)]
@@ -187,20 +238,19 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
     pixel_values = inputs["pixel_values"].to(model.dtype)
     streams = [pixel_values]
     if contrast:
-        # One distortion per question, from its own generator. InternVL gives several tiles per
-        # image; they are distorted together with the first question's generator when counts differ.
-        if pixel_values.shape[0] == batch:
-            distorted = torch.stack([purge.distort(p, noise_step, g) for p, g in zip(pixel_values, generators)])
-        else:
-            distorted = purge.distort(pixel_values, noise_step, generators[0])
-        streams.append(distorted)
+        streams.append(distort_per_question(pixel_values, inputs["input_ids"], placeholder_token_ids(model)[0],
+                                            noise_step, generators))
+    suppressed = torch.tensor(sorted(set(placeholder_token_ids(model)) | set(suppress_token_ids)), dtype=torch.long,
+                              device=attention_mask.device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     outputs = [model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=position_ids,
                      pixel_values=pixels, use_cache=True, **extra) for pixels in streams]
     finished = torch.zeros(batch, dtype=torch.bool, device=attention_mask.device)
     tokens = []
     for _ in range(max_new_tokens):
-        logits = outputs[0].logits[:, -1]
+        # Suppressed on the clean logits, before the plausibility cut, so the cut is taken among the
+        # tokens that may be emitted (-inf minus a finite distorted logit stays -inf).
+        logits = outputs[0].logits[:, -1].float().index_fill(-1, suppressed, float("-inf"))
         if contrast:
             logits = purge.purify(logits, outputs[1].logits[:, -1], alpha, beta)
         next_token = _sample_next(logits, generators, temperature, top_p) if sample else logits.argmax(-1)
@@ -264,7 +314,7 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {sorted(DECODINGS)}, got {decoding!r}")
     questions = load_questions(question_file)
-    answers = read_answers(out_path)
+    answers = resume_answers(out_path)
     done = {a["question_id"] for a in answers}
     todo = [q for q in questions if q["question_id"] not in done]
     device = next(model.parameters()).device
@@ -279,7 +329,9 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
             inputs = prompt_batch(processor, images, prompts, device)
             generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(q["question_id"])) for q in chunk]
             ids = generate(model, inputs, max_new_tokens, generators=generators,
-                           eos_token_id=processor.tokenizer.eos_token_id, **DECODINGS[decoding], **decode_options)
+                           eos_token_id=processor.tokenizer.eos_token_id,
+                           suppress_token_ids=placeholder_token_ids(model, processor), **DECODINGS[decoding],
+                           **decode_options)
             for q, prompt, row in zip(chunk, prompts, ids):
                 record = {"question_id": q["question_id"], "prompt": prompt,
                           "text": processor.tokenizer.decode(row, skip_special_tokens=True).strip(),

@@ -8,8 +8,8 @@ them (pt = 0 contributes nothing), so a student that cannot represent every mode
 the voids. Reverse KL charges q (log q - log 0) = +inf for any student mass on a void, so the
 student is pushed out of the voids and onto the dominant modes.
 
-Not from the paper (ours): log pt on a void is replaced by log(eps), eps = 1e-8, and 0 log 0 = 0,
-so both losses and their gradients stay finite in float32 and bfloat16. Both losses are computed in
+Not from the paper (ours): log pt on a void (and only there) is replaced by log(eps), eps = 1e-8,
+and 0 log 0 = 0, so both losses and their gradients stay finite in float32 and bfloat16. Both losses are computed in
 float32 whatever the input dtype. `python losses.py` runs the one-bump-versus-two-bumps picture.
 Imports: torch and the standard library only, so this file can be copied on its own.
 """
@@ -49,7 +49,9 @@ def reverse_kl(student_logits, teacher_logits, mask=None, eps=1e-8):
     """
     log_q = F.log_softmax(student_logits.float(), dim=-1)
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
-    log_p = log_p.clamp(min=math.log(eps))  # a void (log 0 = -inf) costs log(1/eps) per unit of mass
+    # Only the voids (log pt = -inf) are floored: a kept token keeps its exact log pt, however small,
+    # so on a teacher without voids this is the exact reverse KL. A void costs log(1/eps) per unit of mass.
+    log_p = log_p.masked_fill(torch.isneginf(log_p), math.log(eps))
     q = log_q.exp()
     per_position = (q * (log_q - log_p)).sum(dim=-1)
     return _mean_over_positions(per_position, mask)

@@ -91,10 +91,16 @@ def probe_text(name):
     return eval_pope.question_for(name) + eval_pope.PROMPT_SUFFIX
 
 
-def mentioned_objects(text, object_names):
-    """Object names a response mentions (whole words, plural 's' allowed), in the order of object_names."""
+def mentions(text, object_names):
+    """Every mention of an object name in a response (whole words, plural 's' allowed), one entry per
+    occurrence, in the order of object_names: what CHAIR counts (Rohrbach et al., 2018)."""
     text = text.lower()
-    return [n for n in object_names if re.search(rf"\b{re.escape(n.lower())}s?\b", text)]
+    return [n for n in object_names for _ in re.finditer(rf"\b{re.escape(n.lower())}s?\b", text)]
+
+
+def mentioned_objects(text, object_names):
+    """Object names a response mentions, each once, in the order of object_names."""
+    return list(dict.fromkeys(mentions(text, object_names)))
 
 
 def purified_answers(model, processor, images, prompts, batch_size, max_new_tokens, seed, alpha, beta, noise_step,
@@ -111,7 +117,8 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + j) for j in range(len(chunk))]
         responses += eval_pope.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
                                         alpha=alpha, beta=beta, noise_step=noise_step,
-                                        eos_token_id=tokenizer.eos_token_id)
+                                        eos_token_id=tokenizer.eos_token_id,
+                                        suppress_token_ids=eval_pope.placeholder_token_ids(model, processor))
     return responses
 
 
@@ -173,6 +180,12 @@ def make_examples(model, processor, images, object_names, probes_per_image=6, de
 def collate(examples, processor, images):
     """Right-padded batch: input_ids, attention_mask, response_mask (True on response tokens), pixel_values."""
     tokenizer = processor.tokenizer
+    placeholders = set(processor.image_token_ids) | set(processor.video_token_ids)
+    for e in examples:
+        if placeholders & set(e["response"]):
+            raise ValueError(f"a response on image {e['image']} holds an image placeholder token "
+                             f"{sorted(placeholders & set(e['response']))}: the processor would expand it, and the "
+                             f"image features would not fit the placeholders ({e['prompt']!r})")
     tokenizer.padding_side = "right"
     texts = [eval_pope.chat_prompt(processor, e["prompt"]) for e in examples]
     prompts = processor(images=[images[e["image"]] for e in examples], text=texts, return_tensors="pt",
@@ -298,8 +311,13 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=600,
                                      batch_size, max_new_tokens, seed + round_index, alpha, beta, noise_step,
                                      progress)
         # Hold out a few examples to measure the student's mass on the teacher's voids (METHOD.md 3).
-        held_out = examples[-max(batch_size, len(examples) // 20):]
-        examples = examples[:-len(held_out)]
+        held_out_count = max(batch_size, len(examples) // 20)
+        if len(examples) <= held_out_count:
+            raise ValueError(f"{len(examples)} SEED examples from {len(images)} images: {held_out_count} are held out "
+                             f"to measure the void mass, which leaves none to train on; give more images than "
+                             f"{held_out_count // (probes_per_image + 1)} or a smaller batch size")
+        held_out = examples[-held_out_count:]
+        examples = examples[:-held_out_count]
         torch.manual_seed(seed * 7919 + round_index)  # a fresh adapter's A, the same on every rerun
         params = adapter.add_adapter(model, rank, adapter_alpha, targets)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -282,27 +282,22 @@ def collate(sequences, pad_id):
     return input_ids, attention_mask, labels
 
 
-def pretrain(model, processor, world, config, progress=True):
-    """Teach the tiny LLaVA to describe scenes and answer probes, habits of the text included."""
-    from tqdm import tqdm
+def training_batches(world, config, processor):
+    """The pretraining stream, one batch a step: captions and yes/no probes with the text's habits.
 
+    Yields {"input_ids", "attention_mask", "labels", "pixel_values", "noise_steps"} (noise_steps[i]:
+    the diffusion step row i was shown at, None for a clean image). Everything is drawn from
+    config.seed alone, so the stream is the same on every machine up to the float noise.
+    """
     import purge
 
     rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
     scenes = [sample_scene(world, rng, config.partner_rate) for _ in range(config.train_scenes)]
     images = [render(scene, world, config) for scene in scenes]
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     tokenizer = processor.tokenizer
-    device = next(model.parameters()).device  # batches are built on the CPU and moved there
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, config.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / config.steps))))
-    bar = tqdm(range(config.steps), desc="pretraining the toy LLaVA", disable=not progress)
-    for _ in bar:
+    for _ in range(config.steps):
         batch = [rng.randrange(len(scenes)) for _ in range(config.batch_size)]
         sequences = []
         for index in batch:
@@ -318,11 +313,49 @@ def pretrain(model, processor, world, config, progress=True):
         # About a fifth of the images arrive degraded, with unchanged text: the model learns to fall
         # back on its prior when evidence fades, which is what the contrast later isolates.
         noisy = torch.rand(len(batch), generator=generator) < config.noisy_share
+        noise_steps = [None] * len(batch)
         for i in noisy.nonzero().flatten().tolist():
-            step = int(torch.randint(config.noise_low, config.noise_high, (1,), generator=generator))
-            pixels[i] = purge.distort(pixels[i], step, generator)
-        loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                     pixel_values=pixels.to(device), labels=labels.to(device)).loss
+            noise_steps[i] = int(torch.randint(config.noise_low, config.noise_high, (1,), generator=generator))
+            pixels[i] = purge.distort(pixels[i], noise_steps[i], generator)
+        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixels,
+               "noise_steps": noise_steps}
+
+
+def training_fingerprint(world, config, processor, n_batches=4):
+    """sha256 of what pretraining is shown: the world, and the first batches' tokens, labels, noise steps
+    and clean pixels (as the 0..255 values they were drawn with).
+
+    Integer data only, so it is the same on every machine, while any change to the world's code
+    (scenes, renderer, text habits, tokenizer, prompts) changes it: a checkpoint records the
+    fingerprint it was trained on, and one whose fingerprint the current code does not give is stale.
+    """
+    digest = hashlib.sha256(json.dumps(world, sort_keys=True).encode())
+    for _, batch in zip(range(n_batches), training_batches(world, config, processor)):
+        clean = torch.tensor([step is None for step in batch["noise_steps"]])
+        # pixels were normalised as v / 127.5 - 1 from integers v: floor((x + 1) * 127.5 + 0.5) gives v back
+        levels = ((batch["pixel_values"][clean] + 1) * 127.5 + 0.5).floor().to(torch.int16)
+        for tensor in (batch["input_ids"], batch["attention_mask"], batch["labels"], levels):
+            digest.update(tensor.numpy().tobytes())
+        digest.update(json.dumps(batch["noise_steps"]).encode())
+    return digest.hexdigest()
+
+
+def pretrain(model, processor, world, config, progress=True):
+    """Teach the tiny LLaVA to describe scenes and answer probes, habits of the text included."""
+    from tqdm import tqdm
+
+    torch.manual_seed(config.seed)
+    device = next(model.parameters()).device  # batches are built on the CPU and moved there
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, config.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / config.steps))))
+    bar = tqdm(training_batches(world, config, processor), total=config.steps, desc="pretraining the toy LLaVA",
+               disable=not progress)
+    for batch in bar:
+        loss = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                     pixel_values=batch["pixel_values"].to(device), labels=batch["labels"].to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -436,16 +469,47 @@ def false_positive_partners(question_file, answer_file, objects_by_image, world)
 
 
 # ---------------------------------------------------------------------------------------------
-# The cache: build once, then reload with from_pretrained like a real checkpoint
+# The shipped base model and the cache: build once, then reload with from_pretrained like a checkpoint
 
-CACHE_VERSION = 2  # bump when a change to this file changes the world or its training
+CACHE_VERSION = 2  # bump when a change to the *training* (optimiser, schedule) changes the model
+# The default world's pretrained base model ships with the repository, so `python train.py` starts
+# from the same weights on every machine (pretraining rounds differently on other CPUs and thread
+# counts). `python toyworld.py --ship` rebuilds it from WorldConfig().
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toyworld_base")
+_KEYS = {}
+
+
+def world_key(config):
+    """The name of what `config` trains with the current code: settings, architecture and data stream.
+
+    The fingerprint covers the world's code (scenes, renderer, text, tokenizer, model config), so a
+    change there gives a new key instead of reusing a stale checkpoint; CACHE_VERSION covers the rest.
+    """
+    settings = json.dumps(asdict(config), sort_keys=True)
+    if settings not in _KEYS:
+        processor = make_processor(config.image_size)
+        architecture = make_model(processor.tokenizer, config.image_size).config.to_dict()
+        architecture.pop("transformers_version", None)
+        fingerprint = training_fingerprint(make_world(config.world_seed, config.n_classes), config, processor)
+        _KEYS[settings] = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "config": asdict(config),
+                                                     "architecture": architecture, "data": fingerprint},
+                                                    sort_keys=True).encode()).hexdigest()[:16]
+    return _KEYS[settings]
 
 
 def cache_dir(config):
-    """$XDG_CACHE_HOME/seed-toyworld/<hash of every setting>: one folder per world and training."""
-    key = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **asdict(config)}, sort_keys=True).encode())
+    """$XDG_CACHE_HOME/seed-toyworld/<world_key>: one folder per world and training."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "seed-toyworld", key.hexdigest()[:16])
+    return os.path.join(root, "seed-toyworld", world_key(config))
+
+
+def recorded_key(folder):
+    """The world_key a checkpoint folder was built under (its world.json), or None."""
+    try:
+        with open(os.path.join(folder, "world.json")) as f:
+            return json.load(f).get("key")
+    except (OSError, ValueError):
+        return None
 
 
 def _publish(tmp, final):
@@ -467,13 +531,19 @@ def _publish(tmp, final):
         shutil.rmtree(tmp)
 
 
-def build(config=None, progress=True):
-    """Return (checkpoint folder, world): pretrain and save the toy LLaVA, or reuse the cached one.
+def build(config=None, progress=True, shipped=True):
+    """Return (checkpoint folder, world): the shipped base model when `config` is the default world
+    and the shipped folder was built under its current key (shipped=False skips it), else the
+    cached one, else pretrain and cache it.
 
     A crash mid-save leaves only a *.tmp-<pid> folder without the COMPLETE marker, never loaded.
     """
     config = config or WorldConfig()
     world = make_world(config.world_seed, config.n_classes)
+    if shipped and config == WorldConfig():
+        if recorded_key(SHIPPED) == world_key(config):
+            return SHIPPED, world
+        print(f"{SHIPPED} was not built by this code's WorldConfig(): pretraining the default world instead")
     final = cache_dir(config)
     if os.path.exists(os.path.join(final, "COMPLETE")):
         return final, world
@@ -481,19 +551,37 @@ def build(config=None, progress=True):
     processor = make_processor(config.image_size)
     model = make_model(processor.tokenizer, config.image_size, seed=config.seed)
     pretrain(model, processor, world, config, progress)
+    seconds = time.time() - start
     tmp = f"{final}.tmp-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "world.json"), "w") as f:
-        json.dump({"config": asdict(config), "world": world, "pretrain_seconds": time.time() - start}, f, indent=1)
+        json.dump({"key": world_key(config), "cache_version": CACHE_VERSION, "config": asdict(config),
+                   "world": world, "pretrain_seconds": round(seconds, 1),
+                   "pretrain_steps_per_second": round(config.steps / seconds, 2),
+                   "torch_threads": torch.get_num_threads()}, f, indent=1)
     _publish(tmp, final)
     return final, world
 
 
-def eval_set(world_dir, n_images, world, config=None):
-    """(POPE files by split, image folder, true objects by image) for n held-out images, cached."""
-    folder = os.path.join(world_dir, f"pope{n_images}")
+def ship(progress=True):
+    """Pretrain the default world here (or take it from the cache) and write it to SHIPPED."""
+    folder, _ = build(WorldConfig(), progress, shipped=False)
+    tmp = f"{SHIPPED}.tmp-{os.getpid()}"
+    shutil.copytree(folder, tmp)
+    os.remove(os.path.join(tmp, "COMPLETE"))  # the repository's copy needs no marker: its key says what it is
+    if os.path.exists(SHIPPED):
+        shutil.rmtree(SHIPPED)
+    os.replace(tmp, SHIPPED)
+    return SHIPPED
+
+
+def eval_set(n_images, world, config=None):
+    """(POPE files by split, image folder, true objects by image) for n held-out images, cached
+    under the world's cache folder (the images depend on the world, not on the model)."""
+    config = config or WorldConfig()
+    folder = os.path.join(cache_dir(config), f"pope{n_images}")
     if not os.path.exists(os.path.join(folder, "COMPLETE")):
         tmp = f"{folder}.tmp-{os.getpid()}"
         write_eval_set(world, tmp, n_images, config=config)
@@ -510,10 +598,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build (or reload) the toy world's LLaVA and show why the contrast works.")
     parser.add_argument("--world-seed", type=int, default=0, help="which world (classes, glyphs, partners)")
     parser.add_argument("--noise-step", type=int, default=NOISE_STEP, help="diffusion step of the distortion (0..999)")
+    parser.add_argument("--ship", action="store_true", help=f"pretrain the default world here and write it to {SHIPPED}")
     args = parser.parse_args()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     world_config = WorldConfig(world_seed=args.world_seed)
+    if args.ship:
+        if world_config != WorldConfig():
+            parser.error("--ship writes the default world only (no --world-seed)")
+        ship()
     path, world = build(world_config)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     print(f"checkpoint: {path}")

@@ -50,6 +50,9 @@ class Config:
                                                          "unlabeled images (default: the 80 COCO classes)"})
     world_seed: int = field(default=0, metadata={"help": "toy world: which world (classes, glyphs, partners)"})
     pretrain_steps: int = field(default=2400, metadata={"help": "toy world: pretraining steps of the base model"})
+    shipped_base: bool = field(default=True, metadata={"help": "default world: start from the base model shipped in "
+                                                               "toyworld_base/ (--no-shipped-base pretrains it here, "
+                                                               "into the cache, as every other world is)"})
     seed: int = field(default=0, metadata={"help": "seed of everything else (adapter init, batches, noise)"})
     rounds: int = field(default=1, metadata={"help": "self-evolution rounds (METHOD.md 5; paper: 1)"})
     steps: int = field(default=600, metadata={"help": "SEED optimiser steps per round (ours)"})
@@ -204,8 +207,8 @@ def main(argv=None):
         import toyworld
 
         world_config = toyworld.WorldConfig(world_seed=config.world_seed, steps=config.pretrain_steps)
-        model_path, world = toyworld.build(world_config, progress=config.progress)
-        pope_files, image_dir, objects_by_image = toyworld.eval_set(model_path, config.eval_images, world, world_config)
+        model_path, world = toyworld.build(world_config, progress=config.progress, shipped=config.shipped_base)
+        pope_files, image_dir, objects_by_image = toyworld.eval_set(config.eval_images, world, world_config)
         unlabeled = toyworld.unlabeled_images(world, config.unlabeled, seed=config.seed + 20_000, config=world_config)
         object_names = list(world["names"])
         description = toyworld.DESCRIBE
@@ -304,8 +307,9 @@ def main(argv=None):
 
 def caption_hallucination(model, processor, image_dir, objects_by_image, object_names, contrast=False, batch_size=64,
                           **contrast_options):
-    """CHAIR-style figures on held-out descriptions: share of mentioned objects not in the scene
-    (chair_i) and share of captions with any (chair_s). Toy world only: it needs true contents.
+    """CHAIR on held-out descriptions (Rohrbach et al., 2018): the share of object mentions, every
+    occurrence counted, that name an object not in the scene (chair_i), and the share of captions
+    with any (chair_s). Toy world only: it needs true contents.
     contrast_options (alpha, beta, noise_step) set the contrast when `contrast` is on."""
     from PIL import Image
 
@@ -318,9 +322,10 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
         inputs = eval_pope.prompt_batch(processor, images, ["Describe the image."] * len(chunk), device)
         generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
         ids = eval_pope.generate(model, inputs, 24, contrast=contrast, generators=generators,
-                                 eos_token_id=processor.tokenizer.eos_token_id, **contrast_options)
+                                 eos_token_id=processor.tokenizer.eos_token_id,
+                                 suppress_token_ids=eval_pope.placeholder_token_ids(model, processor), **contrast_options)
         for name, row in zip(chunk, ids):
-            mentioned = seed.mentioned_objects(processor.tokenizer.decode(row, skip_special_tokens=True), object_names)
+            mentioned = seed.mentions(processor.tokenizer.decode(row, skip_special_tokens=True), object_names)
             hallucinated = [o for o in mentioned if o not in objects_by_image[name]]
             mentioned_total += len(mentioned)
             hallucinated_total += len(hallucinated)

@@ -105,3 +105,28 @@ def toyworld_model_with_rank(rank):
     model = toyworld.make_model(toyworld.make_tokenizer(), image_size=32)
     adapter.add_adapter(model, rank=rank)
     return model
+
+
+def test_adapter_output_is_w_x_plus_alpha_over_r_b_a_x():
+    """The formula itself, with B away from zero: h = W x + (alpha_r / r) B A x."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10)
+    layer = adapter.AdapterLinear(base, rank=4, alpha=16.0)
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(3, 12)
+    W, b, A, B = (t.detach().double() for t in (base.weight, base.bias, layer.A, layer.B))
+    expected = x.double() @ W.T + b + (16.0 / 4) * (x.double() @ A.T @ B.T)
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+    layer.enabled = False
+    torch.testing.assert_close(layer(x).double(), x.double() @ W.T + b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_without_a_language_model_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    decoder_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="has no `language_model`.*model.model.language_model"):
+        adapter.add_adapter(decoder_only)
+    assert not adapter.adapter_layers(decoder_only)

@@ -241,3 +241,152 @@ def test_cli_answer_passes_the_contrast_flags_to_vcd_decoding(llava, processor, 
     assert generate_calls == [{"contrast": True, "alpha": 0.5, "beta": 0.2, "noise_step": 700},
                               {"contrast": None, "alpha": None, "beta": None, "noise_step": None}]
     assert len(eval_pope.read_answers(str(tmp_path / "vcd.jsonl"))) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading answers for a score never changes the file; only a resuming writer cuts a torn last line
+
+def sixty_answers(tmp_path):
+    questions = [{"question_id": i, "image": "x.png", "text": "Is there a cat in the image?",
+                  "label": "yes" if i % 2 else "no"} for i in range(1, 61)]
+    eval_pope.write_jsonl(questions, tmp_path / "q.json")
+    lines = [json.dumps({"question_id": i, "text": "Yes" if i % 3 else "No"}) + "\n" for i in range(1, 61)]
+    return str(tmp_path / "q.json"), lines
+
+
+def test_scoring_never_changes_the_answers_file(tmp_path):
+    questions, lines = sixty_answers(tmp_path)
+    expected = eval_pope.score([eval_pope.parse_answer(json.loads(l)["text"]) for l in lines],
+                               ["yes" if i % 2 else "no" for i in range(1, 61)])
+    with_blank = "".join(lines[:10]) + "\n" + "".join(lines[10:])  # a blank line after the 10th answer
+    no_final_newline = "".join(lines).rstrip("\n")  # the last answer without its newline
+    for name, text in (("blank.jsonl", with_blank), ("no_newline.jsonl", no_final_newline)):
+        path = tmp_path / name
+        path.write_bytes(text.encode())
+        assert eval_pope.score_files(questions, str(path)) == expected  # all 60 answers scored
+        assert path.read_bytes() == text.encode(), name  # byte for byte as it was
+
+
+def test_a_bad_answer_line_is_an_error_naming_file_and_line_and_changes_nothing(tmp_path):
+    questions, lines = sixty_answers(tmp_path)
+    path = tmp_path / "a.jsonl"
+    text = "".join(lines[:5]) + "{oops\n" + "".join(lines[5:])
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"a.jsonl:6: not a JSON line"):
+        eval_pope.score_files(questions, str(path))
+    with pytest.raises(ValueError, match=r"a.jsonl:6: not a JSON line"):
+        eval_pope.resume_answers(str(path))  # not a torn *final* line: the writer does not cut it either
+    assert path.read_text() == text
+    with pytest.raises(ValueError, match=r"missing.jsonl: no such answers file"):
+        eval_pope.score_files(questions, str(tmp_path / "missing.jsonl"))
+
+
+def test_resuming_cuts_only_a_torn_final_line_and_says_so(tmp_path, capsys):
+    _, lines = sixty_answers(tmp_path)
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(lines[:7]) + "\n" + lines[7][:12])  # a blank line, then a crash mid-write
+    answers = eval_pope.resume_answers(str(path))
+    assert [a["question_id"] for a in answers] == list(range(1, 8))
+    assert path.read_text() == "".join(lines[:7]) + "\n"  # the blank line stays, the torn line goes
+    assert "cut a torn last line" in capsys.readouterr().err
+
+
+def test_the_three_splits_share_their_yes_questions():
+    positives = {}
+    for split in eval_pope.SPLITS:
+        records = eval_pope.build_questions(ANNOTATIONS, split, seed=4)
+        positives[split] = [(r["image"], r["text"]) for r in records if r["label"] == "yes"]
+    assert positives["random"] == positives["popular"] == positives["adversarial"]
+    assert len(positives["random"]) == 15
+
+
+# ---------------------------------------------------------------------------------------------
+# VCD decoding: the contrast of independent full passes at every position; the batch does not matter
+
+def full_pass_logits(model, inputs, generated, pixel_values):
+    """Last-position logits of one uncached forward pass over the prompt plus the tokens so far."""
+    input_ids = torch.cat([inputs["input_ids"], torch.tensor(generated, dtype=torch.long).reshape(
+        len(inputs["input_ids"]), -1)], dim=1)
+    attention_mask = torch.cat([inputs["attention_mask"], torch.ones_like(input_ids[:, inputs["input_ids"].shape[1]:])],
+                               dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     pixel_values=pixel_values).logits[:, -1].float()
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_vcd_tokens_are_purify_of_independent_full_passes_at_every_position(llava, llava_inputs, sample):
+    import purge
+
+    steps, noise_step, alpha, beta = 5, 600, 1.5, 0.05
+    seeds = [11, 12]
+    ids = eval_pope.generate(llava, llava_inputs, steps, sample=sample, contrast=True, alpha=alpha, beta=beta,
+                             noise_step=noise_step, generators=[torch.Generator().manual_seed(s) for s in seeds])
+    # The same noise, drawn independently: each question's image from its own generator, which then samples.
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    clean_pixels = llava_inputs["pixel_values"]
+    distorted_pixels = torch.cat([purge.distort(p[None], noise_step, g) for p, g in zip(clean_pixels, generators)])
+    placeholder = llava.config.image_token_id
+    expected = [[], []]
+    for _ in range(steps):
+        prefix = [row for row in expected]
+        clean = full_pass_logits(llava, llava_inputs, prefix, clean_pixels)
+        clean[:, placeholder] = float("-inf")  # the placeholder is never an answer token
+        distorted = full_pass_logits(llava, llava_inputs, prefix, distorted_pixels)
+        purified = purge.purify(clean, distorted, alpha, beta)
+        token = eval_pope._sample_next(purified, generators, 1.0, 1.0) if sample else purified.argmax(-1)
+        for row, t in zip(expected, token.tolist()):
+            row.append(t)
+    assert ids == expected
+
+
+def biased_toward_the_placeholder(model):
+    """The same model with a bias on its output layer that makes the image placeholder its argmax."""
+    old = model.get_output_embeddings()
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[model.config.image_token_id] = 1e3
+    model.lm_head = head
+    return model
+
+
+@pytest.mark.parametrize("decoding", sorted(eval_pope.DECODINGS))
+def test_decoding_never_emits_the_image_placeholder(llava, llava_inputs, decoding):
+    model = biased_toward_the_placeholder(llava)
+    with torch.no_grad():
+        assert (model(**llava_inputs).logits[:, -1].argmax(-1) == model.config.image_token_id).all()
+    ids = eval_pope.generate(model, llava_inputs, 4, **eval_pope.DECODINGS[decoding])
+    assert all(model.config.image_token_id not in row for row in ids) and all(len(row) == 4 for row in ids)
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "vcd-greedy", "vcd"])
+def test_internvl_answers_do_not_depend_on_the_batch_when_tile_counts_differ(decoding):
+    from PIL import Image
+
+    from conftest import tiny_internvl, tiny_internvl_processor
+
+    processor = tiny_internvl_processor()
+    model = tiny_internvl(len(processor.tokenizer), processor.image_token_id)
+    images = [Image.new("RGB", (40, 40), (200, 60, 60)), Image.new("RGB", (160, 40), (60, 200, 60)),
+              Image.new("RGB", (40, 100), (60, 60, 200))]
+    texts = [eval_pope.question_for(n) + eval_pope.PROMPT_SUFFIX for n in ("cat", "dog", "tree")]
+
+    # A strong contrast at heavy noise, so that on this untrained model the noise moves the answers
+    contrast = dict(alpha=3.0, beta=0.01, noise_step=900) if "vcd" in decoding else {}
+
+    def answer(indices, seed=100):
+        inputs = eval_pope.prompt_batch(processor, [images[i] for i in indices], [texts[i] for i in indices])
+        return inputs["pixel_values"].shape[0], eval_pope.generate(
+            model, inputs, 6, generators=[torch.Generator().manual_seed(seed + i) for i in indices],
+            suppress_token_ids=eval_pope.placeholder_token_ids(model, processor), **eval_pope.DECODINGS[decoding],
+            **contrast)
+
+    alone = [answer([i]) for i in range(3)]
+    assert [tiles for tiles, _ in alone] == [1, 5, 4]  # square: one tile; wide 4:1: 4 + thumbnail; 2.5:1: 3 + 1
+    tiles, together = answer([0, 1, 2])
+    assert tiles == 10 and together == [ids[0] for _, ids in alone]
+    if contrast:  # the premise: other noise gives other answers, so noise from another question would show
+        assert answer([0, 1, 2], seed=7)[1] != together

@@ -21,7 +21,7 @@ def naive_kl(student, teacher, mask, direction, eps=1e-8):
             if direction == "forward" and p[w] > 0:
                 kl += float(p[w]) * (math.log(float(p[w])) - math.log(float(q[w])))
             if direction == "reverse":
-                log_p = math.log(max(float(p[w]), eps)) if p[w] > 0 else math.log(eps)
+                log_p = math.log(float(p[w])) if p[w] > 0 else math.log(eps)  # the floor on voids only
                 kl += float(q[w]) * (math.log(float(q[w])) - log_p)
         total += kl
         count += 1
@@ -43,6 +43,18 @@ def test_losses_equal_a_naive_float64_loop(direction, loss_fn, use_mask):
     mask = torch.tensor([True, False, True, True, False]) if use_mask else None
     got = loss_fn(student, teacher, mask).item()
     assert got == pytest.approx(naive_kl(student, teacher, mask, direction), rel=1e-5)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-4])
+def test_reverse_kl_is_exact_on_a_teacher_without_voids(eps):
+    """No -inf in the teacher: the floor must not touch kept tokens, however unlikely (TRL's
+    generalized_jsd_loss(beta=1) is this exact sum). Wide logits put most tokens below eps."""
+    g = torch.Generator().manual_seed(0)
+    teacher, student = 6 * torch.randn(3, 32_000, generator=g), 2 * torch.randn(3, 32_000, generator=g)
+    log_q, log_p = torch.log_softmax(student.double(), -1), torch.log_softmax(teacher.double(), -1)
+    assert (log_p < math.log(eps)).float().mean() > 0.5  # a floor on real tokens would show
+    exact = (log_q.exp() * (log_q - log_p)).sum(-1).mean().item()
+    assert losses.reverse_kl(student, teacher, eps=eps).item() == pytest.approx(exact, rel=1e-5)
 
 
 @pytest.mark.parametrize("loss_fn", [losses.forward_kl, losses.reverse_kl])

@@ -206,3 +206,76 @@ def test_resume_equals_an_uninterrupted_run(processor, tmp_path, monkeypatch):
     assert [x["step"] for x in history[0]["log"]] == [4, 5]  # only the missing steps ran
     for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_the_teacher_stays_the_purified_base_after_the_adapter_has_moved(llava, processor):
+    """With B away from zero the student is no longer the base; the teacher must still be."""
+    import copy
+
+    batch, _, _ = llava_batch(processor)
+    base = copy.deepcopy(llava)
+    adapter.add_adapter(llava, rank=4)
+    torch.manual_seed(3)
+    for layer in adapter.adapter_layers(llava).values():
+        torch.nn.init.normal_(layer.B, std=0.5)
+    value, teacher, student = seed.seed_step(llava, batch, noise_step=600, generator=torch.Generator().manual_seed(5))
+    at = batch["response_mask"][:, 1:]
+    with torch.no_grad():
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        clean = base(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
+        noisy = purge.distort(batch["pixel_values"], 600, torch.Generator().manual_seed(5))
+        distorted = base(**inputs, pixel_values=noisy).logits[:, :-1][at]
+        moved = llava(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
+    assert not torch.allclose(student, clean, atol=1e-2)  # the adapter has really moved the student
+    torch.testing.assert_close(student, moved, rtol=1e-5, atol=1e-5)
+    expected = purge.purify(clean, distorted)
+    assert torch.equal(torch.isinf(teacher), torch.isinf(expected))
+    torch.testing.assert_close(teacher[~torch.isinf(teacher)], expected[~torch.isinf(expected)], rtol=1e-4, atol=1e-4)
+
+
+def test_collate_refuses_a_response_holding_the_image_placeholder(processor):
+    images = [None]
+    placeholder = processor.image_token_id
+    example = {"image": 0, "prompt": seed.probe_text("cat"), "response": [placeholder, 3]}
+    with pytest.raises(ValueError, match=rf"holds an image placeholder token \[{placeholder}\]"):
+        seed.collate([example], processor, images)
+
+
+def test_evolve_refuses_too_few_examples_to_train_on(llava, processor, tmp_path):
+    import toyworld
+
+    world = toyworld.make_world(0)
+    images = toyworld.unlabeled_images(world, 2, seed=2)  # 2 images x 3 prompts = 6 examples, batch 8
+    with pytest.raises(ValueError, match="6 SEED examples from 2 images: 8 are held out"):
+        seed.evolve(llava, processor, images, world["names"], str(tmp_path), steps=1, batch_size=8,
+                    probes_per_image=2, max_new_tokens=2, progress=False)
+
+
+def test_seed_step_on_internvl_images_with_different_tile_counts():
+    from PIL import Image
+
+    from conftest import tiny_internvl, tiny_internvl_processor
+
+    processor = tiny_internvl_processor()
+    model = tiny_internvl(len(processor.tokenizer), processor.image_token_id)
+    images = [Image.new("RGB", (40, 40), (200, 60, 60)), Image.new("RGB", (160, 40), (60, 200, 60))]
+    eos = processor.tokenizer.eos_token_id
+    examples = [{"image": 0, "prompt": seed.probe_text("cat"), "response": processor.tokenizer(" yes").input_ids + [eos]},
+                {"image": 1, "prompt": "Describe the image.",
+                 "response": processor.tokenizer(" there is a cat and a dog .").input_ids + [eos]}]
+    batch = seed.collate(examples, processor, images)
+    assert batch["pixel_values"].shape[0] == 1 + 5  # one tile, then four and a thumbnail
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"]).logits
+        fast = seed.response_logits(model, batch["input_ids"], batch["attention_mask"],
+                                    seed.image_features(model, batch["pixel_values"]), batch["response_mask"])
+    torch.testing.assert_close(fast, full[:, :-1][batch["response_mask"][:, 1:]], rtol=1e-5, atol=1e-5)
+    check_seed_step_moves_only_the_adapter(model, batch, "reverse")
+
+
+def test_mentions_count_every_occurrence_as_chair_does():
+    names = ["cat", "dog", "traffic light"]
+    text = "There is a cat, two dogs and a cat beside a traffic light."
+    assert seed.mentions(text, names) == ["cat", "cat", "dog", "traffic light"]
+    assert seed.mentioned_objects(text, names) == ["cat", "dog", "traffic light"]

@@ -198,3 +198,59 @@ def test_publishing_keeps_a_folder_another_run_completed(tmp_path):
     toyworld._publish(str(second), str(final))  # a second run of the same settings finishing later
     assert (final / "weights").read_text() == "first" and (final / "COMPLETE").exists()
     assert not first.exists() and not second.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped base model of the default world
+
+def test_the_shipped_base_model_is_what_the_current_code_names():
+    """toyworld_base/ was built under the key that the current code gives WorldConfig(): the same
+    settings, architecture and pretraining data stream. A change to any of them fails here until
+    `python toyworld.py --ship` rebuilds it."""
+    from dataclasses import asdict
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    with open(os.path.join(toyworld.SHIPPED, "world.json")) as f:
+        recorded = json.load(f)
+    assert recorded["config"] == asdict(toyworld.WorldConfig())
+    assert recorded["cache_version"] == toyworld.CACHE_VERSION
+    assert recorded["world"] == json.loads(json.dumps(toyworld.make_world(0)))
+    assert recorded["key"] == toyworld.world_key(toyworld.WorldConfig())
+    model = AutoModelForImageTextToText.from_pretrained(toyworld.SHIPPED)
+    processor = AutoProcessor.from_pretrained(toyworld.SHIPPED)
+    assert isinstance(model, LlavaForConditionalGeneration)
+    fresh = toyworld.make_processor()
+    assert processor.tokenizer.get_vocab() == fresh.tokenizer.get_vocab()
+    assert processor.chat_template == fresh.chat_template
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in toyworld.make_model(fresh.tokenizer).parameters())
+
+
+def test_the_default_world_starts_from_the_shipped_model_without_pretraining(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("pretrained although the default world's base model ships")
+
+    monkeypatch.setattr(toyworld, "pretrain", no_pretraining)
+    path, world = toyworld.build(progress=False)
+    assert path == toyworld.SHIPPED and world == toyworld.make_world(0)
+    with pytest.raises(AssertionError, match="pretrained although"):  # shipped=False: pretrain it here
+        toyworld.build(progress=False, shipped=False)
+
+
+@pytest.mark.parametrize("change", ["renderer", "text", "setting"])
+def test_a_change_to_the_worlds_code_or_settings_changes_its_key(monkeypatch, change):
+    default = toyworld.world_key(toyworld.WorldConfig())
+    monkeypatch.setattr(toyworld, "_KEYS", {})
+    config = toyworld.WorldConfig()
+    if change == "renderer":
+        monkeypatch.setattr(toyworld, "BACKGROUND", (71, 70, 70))
+    elif change == "text":
+        monkeypatch.setattr(toyworld, "DESCRIBE", "Describe this image.")
+    else:
+        config = toyworld.WorldConfig(mention_rate=0.6)
+    assert toyworld.world_key(config) != default
+    # so the shipped model is not taken for it (build would pretrain instead)
+    assert toyworld.recorded_key(toyworld.SHIPPED) != toyworld.world_key(config)
