@@ -294,11 +294,15 @@ def training_batches(world, config, processor):
     rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     scenes = [sample_scene(world, rng, config.partner_rate) for _ in range(config.train_scenes)]
-    images = [render(scene, world, config) for scene in scenes]
-    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    tokenizer = processor.tokenizer
+    pixel_values = {}  # scene index -> (3, H, W): rendered when a batch first needs it (training_fingerprint
+    tokenizer = processor.tokenizer  # reads a few batches, not all 4,000 scenes)
     for _ in range(config.steps):
         batch = [rng.randrange(len(scenes)) for _ in range(config.batch_size)]
+        new = sorted({i for i in batch if i not in pixel_values})
+        if new:
+            rendered = processor.image_processor([render(scenes[i], world, config) for i in new],
+                                                 return_tensors="pt")["pixel_values"]
+            pixel_values.update(zip(new, rendered))
         sequences = []
         for index in batch:
             if rng.random() < 0.4:
@@ -309,7 +313,7 @@ def training_batches(world, config, processor):
                 sequences.append((prompt_ids(processor, eval_pope.question_for(name) + eval_pope.PROMPT_SUFFIX),
                                   response_ids(tokenizer, answer)))
         input_ids, attention_mask, labels = collate(sequences, tokenizer.pad_token_id)
-        pixels = pixel_values[batch].clone()
+        pixels = torch.stack([pixel_values[i] for i in batch])
         # About a fifth of the images arrive degraded, with unchanged text: the model learns to fall
         # back on its prior when evidence fades, which is what the contrast later isolates.
         noisy = torch.rand(len(batch), generator=generator) < config.noisy_share

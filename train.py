@@ -217,15 +217,15 @@ def main(argv=None):
         from PIL import Image
 
         model_path, image_dir = config.model, config.pope_images
-        pope_files = {s: os.path.join(config.pope, n) for n in sorted(os.listdir(config.pope))
-                      for s in eval_pope.SPLITS if n.endswith(f"_pope_{s}.json")}
+        pope_files = {s: os.path.join(config.pope, n) for s in eval_pope.SPLITS  # the table's order on every path
+                      for n in sorted(os.listdir(config.pope)) if n.endswith(f"_pope_{s}.json")}
         names = sorted(n for n in os.listdir(config.images) if n.lower().endswith((".jpg", ".jpeg", ".png")))
         unlabeled = [Image.open(os.path.join(config.images, n)).convert("RGB") for n in names]
         object_names = (open(config.objects).read().split("\n") if config.objects else list(COCO_OBJECTS))
         object_names = [n.strip() for n in object_names if n.strip()]
         description = "Describe this image in detail."
     print(f"device {device}, dtype {dtype}; model {model_path}; {len(unlabeled)} unlabeled images; "
-          f"POPE splits {sorted(pope_files)}")
+          f"POPE splits {list(pope_files)}")
 
     results = {"config": dataclasses.asdict(config)}
 
@@ -359,7 +359,7 @@ def format_results(results, splits):
         row += f"{r['seconds_per_answer'] / base_cost:>6.2f}"
         lines.append(row)
     lines.append("F1 / yes: greedy decoding. F1 sampled: temperature 1, top-p 1, mean ± std over seeds. CHAIR: share of "
-                 "objects mentioned in held-out descriptions (i) / of descriptions (s) that are hallucinated.\nvoid mass: "
+                 "object mentions in held-out descriptions (i, every mention) / of descriptions (s) that are hallucinated.\nvoid mass: "
                  "student probability on the purified teacher's voids (held-out SEED prompts; base = the student "
                  "at step 0).\ncost: seconds per POPE answer relative to base (median of timed batches).")
     return "\n".join(lines)

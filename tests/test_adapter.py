@@ -130,3 +130,28 @@ def test_a_model_without_a_language_model_is_refused():
     with pytest.raises(ValueError, match="has no `language_model`.*model.model.language_model"):
         adapter.add_adapter(decoder_only)
     assert not adapter.adapter_layers(decoder_only)
+
+
+def test_merging_into_bfloat16_loses_no_more_of_a_small_update_than_the_unmerged_bf16_layer():
+    """A realistic small update (|dW| / |W| = 1e-3) on bf16 weights: the merged layer is as close to
+    the exact float64 output as the unmerged adapter run in bf16, and both are far from exact."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(1024, 1024, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        base.weight.normal_(0, 0.02)
+    layer = adapter.AdapterLinear(base, rank=8, alpha=16.0)
+    with torch.no_grad():
+        layer.B.normal_()
+        update = layer.scale * layer.B @ layer.A
+        layer.B.mul_(1e-3 * base.weight.float().abs().mean() / update.abs().mean())
+    x = torch.randn(64, 1024).to(torch.bfloat16)
+    W, dW = base.weight.double(), (layer.scale * layer.B @ layer.A).double().detach()
+    exact_update = x.double() @ dW.T
+    with torch.no_grad():
+        unmerged = layer(x).double() - x.double() @ W.T
+        merged = torch.nn.Linear(1024, 1024, bias=False).to(torch.bfloat16)
+        merged.weight.copy_((base.weight.float() + layer.scale * layer.B @ layer.A).to(torch.bfloat16))
+        merged = merged(x).double() - x.double() @ W.T
+    error = lambda y: ((y - exact_update).norm() / exact_update.norm()).item()  # noqa: E731
+    assert error(merged) <= 1.05 * error(unmerged)
+    assert error(unmerged) > 0.5  # bf16 rounding really does swallow much of such an update
