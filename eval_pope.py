@@ -278,9 +278,9 @@ def chat_prompt(processor, text):
 
 def prompt_batch(processor, images, texts, device="cpu"):
     """One image + one question per row, through the chat template, left-padded for generation."""
-    processor.tokenizer.padding_side = "left"  # generation appends on the right
     prompts = [chat_prompt(processor, text) for text in texts]
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True).to(device)
+    # Left padding, since generation appends on the right; set for this call, the tokenizer is left as it was.
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
 
 
 def _open_image(path, question_file, record):

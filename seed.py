@@ -186,10 +186,9 @@ def collate(examples, processor, images):
             raise ValueError(f"a response on image {e['image']} holds an image placeholder token "
                              f"{sorted(placeholders & set(e['response']))}: the processor would expand it, and the "
                              f"image features would not fit the placeholders ({e['prompt']!r})")
-    tokenizer.padding_side = "right"
     texts = [eval_pope.chat_prompt(processor, e["prompt"]) for e in examples]
     prompts = processor(images=[images[e["image"]] for e in examples], text=texts, return_tensors="pt",
-                        padding=True)
+                        padding=True, padding_side="right")  # for this call only: the tokenizer is left as it was
     prompt_lengths = prompts["attention_mask"].sum(-1).tolist()
     length = max(n + len(e["response"]) for n, e in zip(prompt_lengths, examples))
     input_ids = torch.full((len(examples), length), tokenizer.pad_token_id)

@@ -40,11 +40,10 @@ def llava_inputs(processor):
     """A left-padded batch of two image + question prompts, as eval_pope builds them."""
     from PIL import Image
 
-    processor.tokenizer.padding_side = "left"
     images = [Image.new("RGB", (32, 32), (200, 40, 40)), Image.new("RGB", (32, 32), (40, 40, 200))]
     prompts = [eval_pope.chat_prompt(processor, "Is there a cat in the image?"),
                eval_pope.chat_prompt(processor, "Describe the image.")]
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
 
 
 def tiny_internvl(vocab_size=64, image_token_id=5):

@@ -279,3 +279,21 @@ def test_mentions_count_every_occurrence_as_chair_does():
     text = "There is a cat, two dogs and a cat beside a traffic light."
     assert seed.mentions(text, names) == ["cat", "cat", "dog", "traffic light"]
     assert seed.mentioned_objects(text, names) == ["cat", "dog", "traffic light"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batching_leaves_the_tokenizer_as_it_found_it(processor, side):
+    """prompt_batch pads on the left and collate on the right, each for its own call only."""
+    import eval_pope
+
+    batch, examples, images = llava_batch(processor)
+    processor.tokenizer.padding_side = side
+    try:
+        left = eval_pope.prompt_batch(processor, images[:2], ["Describe the image.", seed.probe_text("cat")])
+        assert processor.tokenizer.padding_side == side
+        right = seed.collate(examples, processor, images)
+        assert processor.tokenizer.padding_side == side
+    finally:
+        processor.tokenizer.padding_side = "right"
+    assert (left["attention_mask"][:, -1] == 1).all() and (left["attention_mask"][:, 0] == 0).any()
+    assert (right["attention_mask"][:, 0] == 1).all() and torch.equal(right["input_ids"], batch["input_ids"])
