@@ -28,7 +28,7 @@ import time
 import torch
 
 import adapter
-import eval_pope
+import decode
 import seed
 
 SHAPES = {
@@ -198,7 +198,7 @@ def main(argv=None):
 
     def answer(contrast=False):
         with autocast:
-            eval_pope.generate(model, inputs, args.answer_tokens, contrast=contrast)
+            decode.generate(model, inputs, args.answer_tokens, contrast=contrast)
 
     with adapter.adapter_disabled(model):
         t_base = per_answer(timed(answer, device, args.repeats))
@@ -212,7 +212,7 @@ def main(argv=None):
     def one_at_a_time():
         with autocast:
             for i in range(args.batch_size):
-                eval_pope.generate(model, {k: v[i:i + 1] for k, v in inputs.items()}, args.answer_tokens)
+                decode.generate(model, {k: v[i:i + 1] for k, v in inputs.items()}, args.answer_tokens)
 
     t_single = per_answer(timed(one_at_a_time, device, max(1, args.repeats // 2)))
     results.update(eval_single_s=t_single, eval_batched_speedup=ratio(t_single, t_base))

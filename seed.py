@@ -24,6 +24,7 @@ import re
 import torch
 
 import adapter
+import decode
 import eval_pope
 import losses
 import purge
@@ -113,12 +114,12 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
     responses = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         chunk = prompts[start:start + batch_size]
-        inputs = eval_pope.prompt_batch(processor, [images[i] for i, _ in chunk], [text for _, text in chunk], device)
+        inputs = decode.prompt_batch(processor, [images[i] for i, _ in chunk], [text for _, text in chunk], device)
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + j) for j in range(len(chunk))]
-        responses += eval_pope.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
+        responses += decode.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
                                         alpha=alpha, beta=beta, noise_step=noise_step,
                                         eos_token_id=tokenizer.eos_token_id,
-                                        suppress_token_ids=eval_pope.placeholder_token_ids(model, processor))
+                                        suppress_token_ids=decode.placeholder_token_ids(model, processor))
     return responses
 
 
@@ -186,7 +187,7 @@ def collate(examples, processor, images):
             raise ValueError(f"a response on image {e['image']} holds an image placeholder token "
                              f"{sorted(placeholders & set(e['response']))}: the processor would expand it, and the "
                              f"image features would not fit the placeholders ({e['prompt']!r})")
-    texts = [eval_pope.chat_prompt(processor, e["prompt"]) for e in examples]
+    texts = [decode.chat_prompt(processor, e["prompt"]) for e in examples]
     prompts = processor(images=[images[e["image"]] for e in examples], text=texts, return_tensors="pt",
                         padding=True, padding_side="right")  # for this call only: the tokenizer is left as it was
     prompt_lengths = prompts["attention_mask"].sum(-1).tolist()

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import decode
 import eval_pope
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def prompt_ids(processor, text):
 
         size = processor.image_processor.crop_size["height"]
         blank = Image.new("RGB", (size, size))
-        _PROMPT_IDS[key] = processor(images=[blank], text=[eval_pope.chat_prompt(processor, text)]).input_ids[0]
+        _PROMPT_IDS[key] = processor(images=[blank], text=[decode.chat_prompt(processor, text)]).input_ids[0]
     return _PROMPT_IDS[key]
 
 
@@ -417,7 +418,7 @@ def yes_probability(model, processor, images, names, noise_step=None, seed=0):
 
     tokenizer = processor.tokenizer
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-    inputs = eval_pope.prompt_batch(processor, images, [eval_pope.question_for(n) + eval_pope.PROMPT_SUFFIX
+    inputs = decode.prompt_batch(processor, images, [eval_pope.question_for(n) + eval_pope.PROMPT_SUFFIX
                                                         for n in names], next(model.parameters()).device)
     pixels = inputs["pixel_values"]
     if noise_step is not None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 import adapter
+import decode
 import eval_pope
 import seed
 
@@ -141,7 +142,7 @@ def answer_costs(model, processor, question_file, image_dir, batch_size, rows, r
     questions = eval_pope.load_questions(question_file)[:batch_size]
     images = [Image.open(os.path.join(image_dir, q["image"])).convert("RGB") for q in questions]
     device = next(model.parameters()).device
-    inputs = eval_pope.prompt_batch(processor, images, [q["text"] + eval_pope.PROMPT_SUFFIX for q in questions],
+    inputs = decode.prompt_batch(processor, images, [q["text"] + eval_pope.PROMPT_SUFFIX for q in questions],
                                     device)
     parameters = dict(model.named_parameters())
     swapped = sorted({name for weights, _ in rows.values() for name in weights})
@@ -160,7 +161,7 @@ def answer_costs(model, processor, question_file, image_dir, batch_size, rows, r
                 torch.cuda.synchronize()
             start = time.perf_counter()
             # Always 4 new tokens (no early stop), so every row does the same amount of decoding work.
-            eval_pope.generate(model, inputs, max_new_tokens=4, contrast=contrast)
+            decode.generate(model, inputs, max_new_tokens=4, contrast=contrast)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if repeat:  # the first round is the warm-up
@@ -236,7 +237,7 @@ def main(argv=None):
         os.replace(tmp, os.path.join(config.out, "results.json"))
 
     def load():
-        model, processor = eval_pope.load_model(model_path, device, dtype)
+        model, processor = decode.load_model(model_path, device, dtype)
         return model, processor
 
     def measure(method, model, processor, contrast=False):
@@ -319,11 +320,11 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
     for start in range(0, len(names), batch_size):
         chunk = names[start:start + batch_size]
         images = [Image.open(os.path.join(image_dir, n)).convert("RGB") for n in chunk]
-        inputs = eval_pope.prompt_batch(processor, images, ["Describe the image."] * len(chunk), device)
+        inputs = decode.prompt_batch(processor, images, ["Describe the image."] * len(chunk), device)
         generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
-        ids = eval_pope.generate(model, inputs, 24, contrast=contrast, generators=generators,
+        ids = decode.generate(model, inputs, 24, contrast=contrast, generators=generators,
                                  eos_token_id=processor.tokenizer.eos_token_id,
-                                 suppress_token_ids=eval_pope.placeholder_token_ids(model, processor), **contrast_options)
+                                 suppress_token_ids=decode.placeholder_token_ids(model, processor), **contrast_options)
         for name, row in zip(chunk, ids):
             mentioned = seed.mentions(processor.tokenizer.decode(row, skip_special_tokens=True), object_names)
             hallucinated = [o for o in mentioned if o not in objects_by_image[name]]

@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import eval_pope  # noqa: E402
+import decode  # noqa: E402
 import toyworld  # noqa: E402
 
 
@@ -24,14 +24,14 @@ def llava(processor):
 
 @pytest.fixture
 def generate_calls(monkeypatch):
-    """The contrast settings of every eval_pope.generate call (the real generate still runs)."""
-    seen, real = [], eval_pope.generate
+    """The contrast settings of every decode.generate call (the real generate still runs)."""
+    seen, real = [], decode.generate
 
     def recording(*args, **kwargs):
         seen.append({k: kwargs.get(k) for k in ("contrast", "alpha", "beta", "noise_step")})
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(eval_pope, "generate", recording)
+    monkeypatch.setattr(decode, "generate", recording)
     return seen
 
 
@@ -41,8 +41,8 @@ def llava_inputs(processor):
     from PIL import Image
 
     images = [Image.new("RGB", (32, 32), (200, 40, 40)), Image.new("RGB", (32, 32), (40, 40, 200))]
-    prompts = [eval_pope.chat_prompt(processor, "Is there a cat in the image?"),
-               eval_pope.chat_prompt(processor, "Describe the image.")]
+    prompts = [decode.chat_prompt(processor, "Is there a cat in the image?"),
+               decode.chat_prompt(processor, "Describe the image.")]
     return processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
 
 

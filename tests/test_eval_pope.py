@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import decode
 import eval_pope
 
 POPE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "pope")
@@ -321,7 +322,7 @@ def test_vcd_tokens_are_purify_of_independent_full_passes_at_every_position(llav
 
     steps, noise_step, alpha, beta = 5, 600, 1.5, 0.05
     seeds = [11, 12]
-    ids = eval_pope.generate(llava, llava_inputs, steps, sample=sample, contrast=True, alpha=alpha, beta=beta,
+    ids = decode.generate(llava, llava_inputs, steps, sample=sample, contrast=True, alpha=alpha, beta=beta,
                              noise_step=noise_step, generators=[torch.Generator().manual_seed(s) for s in seeds])
     # The same noise, drawn independently: each question's image from its own generator, which then samples.
     generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -335,7 +336,7 @@ def test_vcd_tokens_are_purify_of_independent_full_passes_at_every_position(llav
         clean[:, placeholder] = float("-inf")  # the placeholder is never an answer token
         distorted = full_pass_logits(llava, llava_inputs, prefix, distorted_pixels)
         purified = purge.purify(clean, distorted, alpha, beta)
-        token = eval_pope._sample_next(purified, generators, 1.0, 1.0) if sample else purified.argmax(-1)
+        token = decode._sample_next(purified, generators, 1.0, 1.0) if sample else purified.argmax(-1)
         for row, t in zip(expected, token.tolist()):
             row.append(t)
     assert ids == expected
@@ -358,7 +359,7 @@ def test_decoding_never_emits_the_image_placeholder(llava, llava_inputs, decodin
     model = biased_toward_the_placeholder(llava)
     with torch.no_grad():
         assert (model(**llava_inputs).logits[:, -1].argmax(-1) == model.config.image_token_id).all()
-    ids = eval_pope.generate(model, llava_inputs, 4, **eval_pope.DECODINGS[decoding])
+    ids = decode.generate(model, llava_inputs, 4, **eval_pope.DECODINGS[decoding])
     assert all(model.config.image_token_id not in row for row in ids) and all(len(row) == 4 for row in ids)
 
 
@@ -378,10 +379,10 @@ def test_internvl_answers_do_not_depend_on_the_batch_when_tile_counts_differ(dec
     contrast = dict(alpha=3.0, beta=0.01, noise_step=900) if "vcd" in decoding else {}
 
     def answer(indices, seed=100):
-        inputs = eval_pope.prompt_batch(processor, [images[i] for i in indices], [texts[i] for i in indices])
-        return inputs["pixel_values"].shape[0], eval_pope.generate(
+        inputs = decode.prompt_batch(processor, [images[i] for i in indices], [texts[i] for i in indices])
+        return inputs["pixel_values"].shape[0], decode.generate(
             model, inputs, 6, generators=[torch.Generator().manual_seed(seed + i) for i in indices],
-            suppress_token_ids=eval_pope.placeholder_token_ids(model, processor), **eval_pope.DECODINGS[decoding],
+            suppress_token_ids=decode.placeholder_token_ids(model, processor), **eval_pope.DECODINGS[decoding],
             **contrast)
 
     alone = [answer([i]) for i in range(3)]

@@ -284,12 +284,12 @@ def test_mentions_count_every_occurrence_as_chair_does():
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batching_leaves_the_tokenizer_as_it_found_it(processor, side):
     """prompt_batch pads on the left and collate on the right, each for its own call only."""
-    import eval_pope
+    import decode
 
     batch, examples, images = llava_batch(processor)
     processor.tokenizer.padding_side = side
     try:
-        left = eval_pope.prompt_batch(processor, images[:2], ["Describe the image.", seed.probe_text("cat")])
+        left = decode.prompt_batch(processor, images[:2], ["Describe the image.", seed.probe_text("cat")])
         assert processor.tokenizer.padding_side == side
         right = seed.collate(examples, processor, images)
         assert processor.tokenizer.padding_side == side
