@@ -27,6 +27,7 @@ from collections import Counter
 import torch
 
 import decode
+import purge
 
 PROMPT_SUFFIX = " Please answer this question with one word."
 SPLITS = ("random", "popular", "adversarial")
@@ -319,9 +320,9 @@ def main(argv=None):
     answer.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
     answer.add_argument("--seed", type=int, default=0, help="seed of the sampling and distortion noise")
     answer.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit")
-    answer.add_argument("--alpha", type=float, default=1.0, help="vcd decodings: contrast strength (METHOD.md 2)")
-    answer.add_argument("--beta", type=float, default=0.1, help="vcd decodings: plausibility cut (METHOD.md 2)")
-    answer.add_argument("--noise-step", type=int, default=500, help="vcd decodings: diffusion step of the distortion")
+    answer.add_argument("--alpha", type=float, default=purge.ALPHA, help="vcd decodings: contrast strength (METHOD.md 2)")
+    answer.add_argument("--beta", type=float, default=purge.BETA, help="vcd decodings: plausibility cut (METHOD.md 2)")
+    answer.add_argument("--noise-step", type=int, default=purge.NOISE_STEP, help="vcd decodings: diffusion step of the distortion")
     answer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     answer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")

@@ -18,6 +18,10 @@ import math
 import torch
 
 NUM_DIFFUSION_STEPS = 1000  # T, as in VCD
+# VCD's defaults, the one home of each: every other signature and flag refers to these.
+ALPHA = 1.0       # contrast strength: c = (1 + alpha) z - alpha z'
+BETA = 0.1        # plausibility cut: keep p >= beta p_max
+NOISE_STEP = 500  # diffusion step k of the distortion
 
 
 def noise_schedule(num_steps=NUM_DIFFUSION_STEPS):
@@ -28,7 +32,7 @@ def noise_schedule(num_steps=NUM_DIFFUSION_STEPS):
     return torch.cumprod(1 - betas, dim=0)
 
 
-def distort(pixel_values, noise_step=500, generator=None):
+def distort(pixel_values, noise_step=NOISE_STEP, generator=None):
     """v' = sqrt(abar_k) v + sqrt(1 - abar_k) eps: one-shot forward diffusion on a normalised pixel tensor.
 
     Works on any shape, device and float dtype; `generator` (on any device) makes the noise repeatable.
@@ -45,7 +49,7 @@ def distort(pixel_values, noise_step=500, generator=None):
     return noisy.to(pixel_values.dtype)
 
 
-def plausible_set(logits, beta=0.1):
+def plausible_set(logits, beta=BETA):
     """V_t = {w : p(w) >= beta * max_u p(u)}, as a bool mask over the last dimension.
 
     In log space the normaliser cancels: z(w) >= log(beta) + max z, so no softmax is needed.
@@ -54,7 +58,7 @@ def plausible_set(logits, beta=0.1):
     return logits >= math.log(beta) + logits.max(dim=-1, keepdim=True).values
 
 
-def purify(logits, distorted_logits, alpha=1.0, beta=0.1):
+def purify(logits, distorted_logits, alpha=ALPHA, beta=BETA):
     """Purified logits: the contrast on the plausible set, -inf (a void) elsewhere. Shapes (..., V).
 
     softmax of the result is the purified knowledge pt_t that SEED distils back into the model.

@@ -54,7 +54,8 @@ def response_logits(model, input_ids, attention_mask, features, response_mask):
     return model.get_output_embeddings()(hidden[:, :-1][predicts_response])  # (N, V)
 
 
-def seed_step(model, batch, loss="reverse", alpha=1.0, beta=0.1, noise_step=500, generator=None, void_eps=1e-8):
+def seed_step(model, batch, loss="reverse", alpha=purge.ALPHA, beta=purge.BETA, noise_step=purge.NOISE_STEP, generator=None,
+              void_eps=1e-8):
     """One SEED step: teacher on clean and distorted images (adapter off, no grad), purify, student, KL.
 
     void_eps: the reverse KL's floor on void probabilities (losses.reverse_kl's eps; `evolve` trains
@@ -154,7 +155,8 @@ def choose_probes(named, object_names, probes_per_image, rng):
 
 
 def make_examples(model, processor, images, object_names, probes_per_image=6, description="Describe the image.",
-                  batch_size=32, max_new_tokens=24, seed=0, alpha=1.0, beta=0.1, noise_step=500, progress=True):
+                  batch_size=32, max_new_tokens=24, seed=0, alpha=purge.ALPHA, beta=purge.BETA, noise_step=purge.NOISE_STEP,
+                  progress=True):
     """Prompts on unlabeled images, answered by the model itself with purified greedy decoding.
 
     Each image gets one description prompt and `probes_per_image` yes/no probes chosen by
@@ -270,9 +272,9 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
 # Self-evolution
 
 def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=600, loss="reverse", batch_size=32,
-           lr=2e-3, rank=8, adapter_alpha=16.0, targets=("q_proj", "v_proj"), alpha=1.0, beta=0.1, noise_step=500,
-           probes_per_image=6, description="Describe the image.", max_new_tokens=24, checkpoint_every=50,
-           resume=False, seed=0, autocast_dtype=None, progress=True, void_eps=1e-4):
+           lr=2e-3, rank=8, adapter_alpha=16.0, targets=("q_proj", "v_proj"), alpha=purge.ALPHA, beta=purge.BETA,
+           noise_step=purge.NOISE_STEP, probes_per_image=6, description="Describe the image.", max_new_tokens=24,
+           checkpoint_every=50, resume=False, seed=0, autocast_dtype=None, progress=True, void_eps=1e-4):
     """Run `rounds` rounds of SEED on `model` in place; returns it merged, with a log of each round.
 
     void_eps (reverse KL only) prices a unit of student mass on a void at log(1 / void_eps) nats.

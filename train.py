@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import torch
 import adapter
 import decode
 import eval_pope
+import purge
 import seed
 
 COCO_OBJECTS = [name.replace("_", " ") for name in (  # 80 names, some of two words
@@ -63,8 +65,8 @@ class Config:
     lr: float = field(default=2e-3, metadata={"help": "adapter learning rate, AdamW (ours)"})
     rank: int = field(default=8, metadata={"help": "adapter rank r (ours, LoRA's common value)"})
     adapter_alpha: float = field(default=16.0, metadata={"help": "adapter scale alpha_r; update = alpha_r / r B A"})
-    alpha: float = field(default=1.0, metadata={"help": "contrast strength: c = (1 + alpha) z - alpha z' (VCD)"})
-    beta: float = field(default=0.1, metadata={"help": "plausibility cut: keep p >= beta p_max (VCD)"})
+    alpha: float = field(default=purge.ALPHA, metadata={"help": "contrast strength: c = (1 + alpha) z - alpha z' (VCD)"})
+    beta: float = field(default=purge.BETA, metadata={"help": "plausibility cut: keep p >= beta p_max (VCD)"})
     noise_step: int = field(default=None, metadata={"help": "diffusion step k of the distortion, 0..999; none: VCD's "
                                                             "500 with --model, toyworld.NOISE_STEP (700) on the toy world"})
     void_eps: float = field(default=1e-4, metadata={"help": "reverse KL: floor on the purified teacher's void "
@@ -98,13 +100,14 @@ def parse_config(argv=None):
     if args.noise_step is None:  # glyphs on a flat background survive more noise than photographs
         import toyworld
 
-        args.noise_step = 500 if args.model else toyworld.NOISE_STEP
+        args.noise_step = purge.NOISE_STEP if args.model else toyworld.NOISE_STEP
     return Config(**vars(args))
 
 
 def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decodings=("greedy", "sample"),
              contrast=False):
-    """POPE metrics: {decoding: {split: metrics}}; sampled decodings are the mean over seeds, with f1_std."""
+    """POPE metrics: {decoding: {split: metrics}}; sampled decodings are the mean over seeds, with f1_std.
+    Answer files already in answers_dir are resumed, never deleted (main clears them for a fresh run)."""
     results = {}
     for decoding in decodings:
         name = ("vcd-greedy" if decoding == "greedy" else "vcd") if contrast else decoding
@@ -113,9 +116,7 @@ def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decod
         for split, question_file in pope_files.items():
             runs = []
             for s in seeds:
-                path = os.path.join(answers_dir, f"{name}_{split}_seed{s}.jsonl")
-                if not config.resume and os.path.exists(path):
-                    os.remove(path)  # a fresh run starts from no answers; --resume keeps them
+                path = os.path.join(answers_dir, f"{name}_{split}_seed{s}.jsonl")  # resumed if it exists
                 # VCD contrasts with the flags' alpha, beta and noise step, the same contrast as SEED's teacher
                 eval_pope.answer_questions(model, processor, question_file, image_dir, path, name,
                                            config.eval_batch_size, seed=s, max_new_tokens=4, progress=config.progress,
@@ -242,6 +243,8 @@ def main(argv=None):
 
     def measure(method, model, processor, contrast=False):
         answers_dir = os.path.join(config.out, method, "answers")
+        if not config.resume:  # a fresh run starts from no answers; --resume keeps and continues them
+            shutil.rmtree(answers_dir, ignore_errors=True)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             pope = evaluate(model, processor, pope_files, image_dir, answers_dir, config, contrast=contrast)
             if caption_set is not None:
