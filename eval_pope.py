@@ -346,6 +346,8 @@ def main(argv=None):
             write_jsonl(records, path)
             print(f"wrote {len(records)} questions to {path}")
     elif args.command == "answer":
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            parser.error(f"--model {args.model}: not a local checkpoint folder (no config.json; nothing is downloaded)")
         dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
                  "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         model, processor = decode.load_model(args.model, args.device, dtype)
@@ -366,5 +368,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # bad records name file and line; a missing file names itself
         sys.exit(f"error: {error}")

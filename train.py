@@ -95,13 +95,51 @@ def parse_config(argv=None):
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default: {f.default})",
                                 choices=f.metadata.get("choices"))
     args = parser.parse_args(argv)
-    if args.model and not (args.images and args.pope and args.pope_images):
-        parser.error("--model needs --images, --pope and --pope-images (no data is downloaded)")
     if args.noise_step is None:  # glyphs on a flat background survive more noise than photographs
         import toyworld
 
         args.noise_step = purge.NOISE_STEP if args.model else toyworld.NOISE_STEP
+    problem = check_config(args)
+    if problem:  # before any work starts, in one line naming the flag or the file
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
     return Config(**vars(args))
+
+
+def check_config(args):
+    """The first thing wrong with the flags or the paths they name, as one sentence; None if all is well."""
+    at_least = {"pretrain_steps": 1, "rounds": 1, "steps": 1, "batch_size": 1, "rank": 1, "unlabeled": 1,
+                "probes_per_image": 0, "eval_images": 1, "sample_seeds": 1, "eval_batch_size": 1,
+                "checkpoint_every": 0}
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            return f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}"
+    if not 0 <= args.noise_step < purge.NUM_DIFFUSION_STEPS:
+        return f"--noise-step must be in 0..{purge.NUM_DIFFUSION_STEPS - 1}, got {args.noise_step}"
+    if args.alpha < 0 or not 0 < args.beta <= 1 or not 0 < args.void_eps < 1 or args.lr <= 0:
+        return (f"need --alpha >= 0, 0 < --beta <= 1, 0 < --void-eps < 1 and --lr > 0; got {args.alpha}, "
+                f"{args.beta}, {args.void_eps}, {args.lr}")
+    if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        return f"--device {args.device}: no such device here (cpu, cuda when there is one, or auto)"
+    if args.objects and not os.path.isfile(args.objects):
+        return f"--objects {args.objects}: no such file"
+    if args.model is None:
+        return None
+    if not (args.images and args.pope and args.pope_images):
+        return "--model needs --images, --pope and --pope-images (no data is downloaded)"
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        return f"--model {args.model}: not a local checkpoint folder (no config.json; nothing is downloaded)"
+    if not any(os.path.isfile(os.path.join(args.model, n)) for n in ("processor_config.json",
+                                                                      "preprocessor_config.json")):
+        return f"--model {args.model}: no processor in the folder (processor_config.json or preprocessor_config.json)"
+    for flag, folder in (("--images", args.images), ("--pope", args.pope), ("--pope-images", args.pope_images)):
+        if not os.path.isdir(folder):
+            return f"{flag} {folder}: no such folder"
+    if not any(n.lower().endswith((".jpg", ".jpeg", ".png")) for n in os.listdir(args.images)):
+        return f"--images {args.images}: no .jpg, .jpeg or .png files"
+    missing = [s for s in eval_pope.SPLITS if not any(n.endswith(f"_pope_{s}.json") for n in os.listdir(args.pope))]
+    if missing:
+        return f"--pope {args.pope}: no *_pope_{missing[0]}.json (POPE's three files are needed: {eval_pope.SPLITS})"
+    return None
 
 
 def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decodings=("greedy", "sample"),

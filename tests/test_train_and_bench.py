@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -130,12 +132,61 @@ def test_vcd_rows_use_the_contrast_the_flags_set(llava, processor, tmp_path, gen
     assert all(s == {"contrast": True, "alpha": 0.5, "beta": 0.2, "noise_step": 600} for s in generate_calls)
 
 
-def test_noise_step_defaults_to_the_toy_worlds_or_vcds():
+def real_run_flags(tmp_path):
+    """The flags of a real run, naming folders laid out as train.py --model expects them."""
+    for folder in ("model", "images", "pope", "val"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "processor_config.json").write_text("{}")
+    (tmp_path / "images" / "a.jpg").write_bytes(b"")
+    for split in ("random", "popular", "adversarial"):
+        (tmp_path / "pope" / f"coco_pope_{split}.json").write_text("")
+    return ["--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"), "--pope", str(tmp_path / "pope"),
+            "--pope-images", str(tmp_path / "val")]
+
+
+def test_noise_step_defaults_to_the_toy_worlds_or_vcds(tmp_path):
     import toyworld
     import train
 
     assert train.parse_config([]).noise_step == toyworld.NOISE_STEP == 700
-    real = ["--model", "m", "--images", "i", "--pope", "p", "--pope-images", "v"]
+    real = real_run_flags(tmp_path)
     assert train.parse_config(real).noise_step == 500  # VCD's, on a real checkpoint
     assert train.parse_config(real + ["--noise-step", "650"]).noise_step == 650
     assert train.parse_config(["--noise-step", "400"]).noise_step == 400
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "-3"], "--steps must be at least 1, got -3"),
+    (["--noise-step", "5000"], "--noise-step must be in 0..999, got 5000"),
+    (["--beta", "0"], "0 < --beta <= 1"),
+    (["--objects", "/nonexistent/names.txt"], "--objects /nonexistent/names.txt: no such file"),
+])
+def test_bad_flags_are_refused_in_one_line_before_any_work(flags, message, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_config(flags)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize("break_it,message", [
+    (lambda t: None, None),
+    (lambda t: (t / "model" / "config.json").unlink(), "not a local checkpoint folder (no config.json"),
+    (lambda t: (t / "model" / "processor_config.json").unlink(), "no processor in the folder"),
+    (lambda t: (t / "pope" / "coco_pope_popular.json").unlink(), "no *_pope_popular.json"),
+    (lambda t: (t / "images" / "a.jpg").unlink(), "no .jpg, .jpeg or .png files"),
+])
+def test_a_real_runs_paths_are_checked_before_any_work(tmp_path, capsys, break_it, message):
+    import train
+
+    flags = real_run_flags(tmp_path)
+    break_it(tmp_path)
+    if message is None:
+        assert train.parse_config(flags).model == str(tmp_path / "model")
+        return
+    with pytest.raises(SystemExit):
+        train.parse_config(flags)
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
