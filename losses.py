@@ -10,7 +10,8 @@ student is pushed out of the voids and onto the dominant modes.
 
 Not from the paper (ours): log pt on a void (and only there) is replaced by log(eps), eps = 1e-8,
 and 0 log 0 = 0, so both losses and their gradients stay finite in float32 and bfloat16. Both losses are computed in
-float32 whatever the input dtype. `python losses.py` runs the one-bump-versus-two-bumps picture.
+float32 whatever the input dtype. `python losses.py` runs the one-bump-versus-two-bumps picture
+and draws it to void_picture.png.
 Imports: torch and the standard library only, so this file can be copied on its own.
 """
 import math
@@ -99,6 +100,15 @@ if __name__ == "__main__":
     teacher = two_bump_teacher(grid)
     print("one-bump student fitted to a two-bump purified teacher (void on (-1, 1))")
     print(f"{'loss':<22}{'mean':>8}{'width':>8}{'mass in void':>14}")
-    for name, loss_fn in [("forward KL (classic)", forward_kl), ("reverse KL (SEED)", reverse_kl)]:
+    series = {"purified teacher": (torch.softmax(teacher, -1).tolist(), (40, 40, 40))}
+    for name, loss_fn, colour in [("forward KL (classic)", forward_kl, (235, 150, 50)),
+                                  ("reverse KL (SEED)", reverse_kl, (200, 50, 50))]:
         mean, width, mass = fit_one_bump(loss_fn, teacher, grid)
         print(f"{name:<22}{mean:>8.2f}{width:>8.2f}{mass:>13.2%}")
+        student = torch.softmax(-(grid - mean) ** 2 / (2 * width ** 2), -1)
+        series[f"{name} student"] = (student.tolist(), colour)
+    import pictures  # pillow, only for the picture: this file's functions need torch alone
+
+    pictures.curves(grid.tolist(), series, "void_picture.png", shade=(-1.0, 1.0),
+                    title="A one-bump student fitted to a two-bump purified teacher (METHOD.md 3)")
+    print("picture: void_picture.png")

@@ -341,10 +341,41 @@ def main(argv=None):
         results[method]["seconds_per_answer"] = seconds
     save_results()
 
-    # ---- the table -----------------------------------------------------------------------------
+    # ---- the table and the pictures -------------------------------------------------------------
     print(format_results(results, list(pope_files)))
-    print(f"\nall numbers: {os.path.join(config.out, 'results.json')}")
+    draw_pictures(results, list(pope_files), pope_files, image_dir, config.out)
+    print(f"\nall numbers: {os.path.join(config.out, 'results.json')}; pictures: results.png, scenes.png")
     return results
+
+
+def draw_pictures(results, splits, pope_files, image_dir, out):
+    """results.png (F1 per split, greedy and sampled, and the void mass) and scenes.png (held-out
+    adversarial questions with the base model's and SEED's greedy answers, disagreements first)."""
+    from PIL import Image
+
+    import pictures
+
+    methods = [m for m in ("base", "vcd", "seed_forward", "seed_reverse") if m in results]
+    labels = {"base": "base", "vcd": "VCD decoding", "seed_forward": "SEED forward KL", "seed_reverse": "SEED reverse KL"}
+    rows = {m: {"label": labels[m], **{d: {s: 100 * results[m][d][s]["f1"] for s in splits}
+                                       for d in ("greedy", "sample")}} for m in methods}
+    seeds = [m for m in methods if m.startswith("seed_")]
+    void = {"base": 100 * results[seeds[0]]["void_mass_at_start"][0]} if seeds else {}
+    void.update({m: 100 * results[m]["void_mass"][-1] for m in seeds})
+    pictures.results_chart(rows, splits, void, os.path.join(out, "results.png"))
+    if not seeds:
+        return
+    split = "adversarial" if "adversarial" in pope_files else splits[-1]
+    questions = {q["question_id"]: q for q in eval_pope.load_questions(pope_files[split])}
+    answers = {m: {a["question_id"]: eval_pope.parse_answer(a["text"]) for a in eval_pope.read_answers(
+        os.path.join(out, m, "answers", f"greedy_{split}_seed0.jsonl"))} for m in ("base", seeds[-1])}
+    differ = [i for i in sorted(questions) if answers["base"][i] != answers[seeds[-1]][i]]
+    ids = sorted(differ[:6] + [i for i in sorted(questions) if i not in differ][:8 - len(differ[:6])])
+    cards = [(Image.open(os.path.join(image_dir, questions[i]["image"])).convert("RGB"), questions[i]["text"],
+              questions[i].get("label"), answers["base"][i], answers[seeds[-1]][i]) for i in ids]
+    pictures.scene_sheet(cards, os.path.join(out, "scenes.png"),
+                         title=f"POPE {split}, greedy: {len(differ)} of {len(questions)} answers differ between the base "
+                               f"model and {labels[seeds[-1]]}; the first six of them, and two where they agree")
 
 
 def caption_hallucination(model, processor, image_dir, objects_by_image, object_names, contrast=False, batch_size=64,

@@ -34,6 +34,22 @@ def test_train_at_a_tiny_budget_writes_a_valid_results_json(tmp_path):
         assert 0.0 <= results[method]["void_mass"][0] <= 1.0
         assert (out / method / "round0" / "adapter.safetensors").exists()
     assert "diagnostic" in results
+    from PIL import Image
+
+    for picture in ("results.png", "scenes.png"):  # beside results.json
+        with Image.open(out / picture) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 200
+
+
+def test_losses_py_prints_and_draws_the_void_picture(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "losses.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reverse KL (SEED)" in done.stdout
+    from PIL import Image
+
+    with Image.open(tmp_path / "void_picture.png") as image:
+        assert image.format == "PNG" and image.size == (760, 420)
 
 
 def test_train_help_explains_every_flag(tmp_path):
