@@ -55,8 +55,8 @@ def distort_per_question(pixel_values, input_ids, image_token_id, noise_step, ge
 
 @torch.no_grad()
 def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, generators=None,
-             temperature=1.0, top_p=1.0, alpha=purge.ALPHA, beta=purge.BETA, noise_step=purge.NOISE_STEP, eos_token_id=None,
-             suppress_token_ids=()):
+             temperature=1.0, top_p=1.0, alpha=purge.ALPHA, beta=purge.BETA, noise_step=purge.NOISE_STEP,
+             eos_token_id=None, suppress_token_ids=()):
     """Decode a left-padded batch from the processor; returns a list of generated token-id lists.
 
     contrast=True is VCD decoding: a second pass on the distorted image at every token, and the

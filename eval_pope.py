@@ -320,9 +320,11 @@ def main(argv=None):
     answer.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
     answer.add_argument("--seed", type=int, default=0, help="seed of the sampling and distortion noise")
     answer.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit")
-    answer.add_argument("--alpha", type=float, default=purge.ALPHA, help="vcd decodings: contrast strength (METHOD.md 2)")
+    answer.add_argument("--alpha", type=float, default=purge.ALPHA,
+                        help="vcd decodings: contrast strength (METHOD.md 2)")
     answer.add_argument("--beta", type=float, default=purge.BETA, help="vcd decodings: plausibility cut (METHOD.md 2)")
-    answer.add_argument("--noise-step", type=int, default=purge.NOISE_STEP, help="vcd decodings: diffusion step of the distortion")
+    answer.add_argument("--noise-step", type=int, default=purge.NOISE_STEP,
+                        help="vcd decodings: diffusion step of the distortion")
     answer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     answer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
@@ -342,7 +344,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         for split in SPLITS:
             path = os.path.join(args.out, f"{args.prefix}_pope_{split}.json")
-            records = build_questions(objects, split, args.per_image, args.seed)
+            records = build_questions(objects, split, per_image=args.per_image, seed=args.seed)
             write_jsonl(records, path)
             print(f"wrote {len(records)} questions to {path}")
     elif args.command == "answer":
@@ -352,8 +354,9 @@ def main(argv=None):
                  "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         model, processor = decode.load_model(args.model, args.device, dtype)
         contrast = contrast_settings(args) if DECODINGS[args.decoding].get("contrast") else {}
-        answers = answer_questions(model, processor, args.questions, args.images, args.out, args.decoding,
-                                   args.batch_size, args.seed, args.max_new_tokens, **contrast)
+        answers = answer_questions(model, processor, args.questions, args.images, args.out, decoding=args.decoding,
+                                   batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                   **contrast)
         print(f"{len(answers)} answers in {args.out}")
     else:
         if len(args.questions) != len(args.answers):

@@ -54,12 +54,13 @@ def response_logits(model, input_ids, attention_mask, features, response_mask):
     return model.get_output_embeddings()(hidden[:, :-1][predicts_response])  # (N, V)
 
 
-def seed_step(model, batch, loss="reverse", alpha=purge.ALPHA, beta=purge.BETA, noise_step=purge.NOISE_STEP, generator=None,
-              void_eps=1e-8):
+def seed_step(model, batch, divergence="reverse", alpha=purge.ALPHA, beta=purge.BETA, noise_step=purge.NOISE_STEP,
+              generator=None, void_eps=1e-8):
     """One SEED step: teacher on clean and distorted images (adapter off, no grad), purify, student, KL.
 
-    void_eps: the reverse KL's floor on void probabilities (losses.reverse_kl's eps; `evolve` trains
-    at 1e-4). Returns (loss, purified teacher logits, student logits); call loss.backward() yourself.
+    divergence: "reverse" (SEED's mode-seeking KL) or "forward" (classic distillation). void_eps: the
+    reverse KL's floor on void probabilities (losses.reverse_kl's eps; `evolve` trains at 1e-4).
+    Returns (loss, purified teacher logits, student logits); call loss.backward() yourself.
     """
     input_ids, attention_mask, response_mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     with torch.no_grad():
@@ -71,7 +72,7 @@ def seed_step(model, batch, loss="reverse", alpha=purge.ALPHA, beta=purge.BETA, 
         teacher = purge.purify(z, z_distorted, alpha, beta)  # pt = softmax(teacher), voids at -inf
         del z, z_distorted, distorted
     student = response_logits(model, input_ids, attention_mask, clean, response_mask)
-    if loss == "reverse":
+    if divergence == "reverse":
         return losses.reverse_kl(student, teacher, eps=void_eps), teacher, student
     return losses.forward_kl(student, teacher), teacher, student
 
@@ -155,8 +156,8 @@ def choose_probes(named, object_names, probes_per_image, rng):
 
 
 def make_examples(model, processor, images, object_names, probes_per_image=6, description="Describe the image.",
-                  batch_size=32, max_new_tokens=24, seed=0, alpha=purge.ALPHA, beta=purge.BETA, noise_step=purge.NOISE_STEP,
-                  progress=True):
+                  batch_size=32, max_new_tokens=24, seed=0, alpha=purge.ALPHA, beta=purge.BETA,
+                  noise_step=purge.NOISE_STEP, progress=True):
     """Prompts on unlabeled images, answered by the model itself with purified greedy decoding.
 
     Each image gets one description prompt and `probes_per_image` yes/no probes chosen by
@@ -166,15 +167,17 @@ def make_examples(model, processor, images, object_names, probes_per_image=6, de
     rng = random.Random(seed)
     eos = processor.tokenizer.eos_token_id
     described = [(index, description) for index in range(len(images))]
-    descriptions = purified_answers(model, processor, images, described, batch_size, max_new_tokens, seed, alpha,
-                                    beta, noise_step, progress, "purified descriptions")
+    contrast = dict(alpha=alpha, beta=beta, noise_step=noise_step)
+    descriptions = purified_answers(model, processor, images, described, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens, seed=seed, progress=progress,
+                                    desc="purified descriptions", **contrast)
     examples = [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(described, descriptions)]
     named = [mentioned_objects(processor.tokenizer.decode(r, skip_special_tokens=True), object_names)
              for r in descriptions]
     chosen_by_image = choose_probes(named, object_names, probes_per_image, rng)
     probes = [(index, probe_text(name)) for index, chosen in enumerate(chosen_by_image) for name in chosen]
-    answers = purified_answers(model, processor, images, probes, batch_size, 4, seed + 1, alpha, beta, noise_step,
-                               progress, "purified probe answers")
+    answers = purified_answers(model, processor, images, probes, batch_size=batch_size, max_new_tokens=4,
+                               seed=seed + 1, progress=progress, desc="purified probe answers", **contrast)
     examples += [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(probes, answers)]
     random.Random(seed + 2).shuffle(examples)  # mixes descriptions and probes (and the held-out tail)
     return examples
@@ -262,7 +265,8 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], processor, images).items()}
         generator = torch.Generator().manual_seed(seed * 1_000_003 + 999_983 + start)
-        _, teacher, student = seed_step(model, batch, "reverse", alpha, beta, noise_step, generator)
+        _, teacher, student = seed_step(model, batch, "reverse", alpha=alpha, beta=beta, noise_step=noise_step,
+                                        generator=generator)
         total += losses.void_mass(student, teacher).item() * teacher.shape[0]
         count += teacher.shape[0]
     return total / max(count, 1)
@@ -271,7 +275,7 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
 # ---------------------------------------------------------------------------------------------
 # Self-evolution
 
-def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=600, loss="reverse", batch_size=32,
+def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=600, divergence="reverse", batch_size=32,
            lr=2e-3, rank=8, adapter_alpha=16.0, targets=("q_proj", "v_proj"), alpha=purge.ALPHA, beta=purge.BETA,
            noise_step=purge.NOISE_STEP, probes_per_image=6, description="Describe the image.", max_new_tokens=24,
            checkpoint_every=50, resume=False, seed=0, autocast_dtype=None, progress=True, void_eps=1e-4):
@@ -290,6 +294,7 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=600,
 
     os.makedirs(out_dir, exist_ok=True)
     checkpoint = os.path.join(out_dir, "checkpoint")
+    contrast = dict(alpha=alpha, beta=beta, noise_step=noise_step)  # the teacher's, everywhere in the round
     device = next(model.parameters()).device
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else torch.autocast(device.type, enabled=False))
@@ -309,9 +314,9 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=600,
             continue
         model.eval()  # no dropout: teacher and student differ by the adapter alone
         with autocast:
-            examples = make_examples(model, processor, images, object_names, probes_per_image, description,
-                                     batch_size, max_new_tokens, seed + round_index, alpha, beta, noise_step,
-                                     progress)
+            examples = make_examples(model, processor, images, object_names, probes_per_image=probes_per_image,
+                                     description=description, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     seed=seed + round_index, progress=progress, **contrast)
         # Hold out a few examples to measure the student's mass on the teacher's voids (METHOD.md 3).
         held_out_count = max(batch_size, len(examples) // 20)
         if len(examples) <= held_out_count:
@@ -324,11 +329,11 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=600,
         params = adapter.add_adapter(model, rank, adapter_alpha, targets)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         with autocast:  # the student before its first step is the base model
-            void_at_start = held_out_void_mass(model, processor, images, held_out, batch_size, alpha, beta,
-                                               noise_step, seed)
+            void_at_start = held_out_void_mass(model, processor, images, held_out, batch_size=batch_size, seed=seed,
+                                               **contrast)
         if round_index == start_round and start_step > 0:  # resume mid-round: adapter, moments, step
             load_checkpoint(model, optimizer, checkpoint)
-        bar = tqdm(range(start_step, steps), desc=f"SEED round {round_index} ({loss} KL)", disable=not progress,
+        bar = tqdm(range(start_step, steps), desc=f"SEED round {round_index} ({divergence} KL)", disable=not progress,
                    initial=start_step, total=steps)
         log = []
         for step in bar:
@@ -337,20 +342,21 @@ def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=600,
             batch = {k: v.to(device) for k, v in batch.items()}
             generator = torch.Generator().manual_seed(seed * 1_000_003 + round_index * 10_007 + step)
             with autocast:
-                value, teacher, student = seed_step(model, batch, loss, alpha, beta, noise_step, generator, void_eps)
-            log.append({"step": step, "loss": value.item(),
+                loss, teacher, student = seed_step(model, batch, divergence, generator=generator, void_eps=void_eps,
+                                                   **contrast)
+            log.append({"step": step, "loss": loss.item(),
                         "void_mass": losses.void_mass(student.detach(), teacher).item()})
             del teacher, student  # only the loss's own saved tensors stay alive through the backward
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{value.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 save_checkpoint(model, optimizer, checkpoint, round_index, step + 1)
         start_step = 0
         with autocast:
-            void_at_end = held_out_void_mass(model, processor, images, held_out, batch_size, alpha, beta, noise_step,
-                                             seed)
+            void_at_end = held_out_void_mass(model, processor, images, held_out, batch_size=batch_size, seed=seed,
+                                             **contrast)
         adapter.save_adapter(model, round_dir)
         summary = {"round": round_index, "examples": len(examples), "void_mass_at_start": void_at_start,
                    "void_mass": void_at_end}

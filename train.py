@@ -156,8 +156,8 @@ def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decod
             for s in seeds:
                 path = os.path.join(answers_dir, f"{name}_{split}_seed{s}.jsonl")  # resumed if it exists
                 # VCD contrasts with the flags' alpha, beta and noise step, the same contrast as SEED's teacher
-                eval_pope.answer_questions(model, processor, question_file, image_dir, path, name,
-                                           config.eval_batch_size, seed=s, max_new_tokens=4, progress=config.progress,
+                eval_pope.answer_questions(model, processor, question_file, image_dir, path, decoding=name,
+                                           batch_size=config.eval_batch_size, seed=s, max_new_tokens=4, progress=config.progress,
                                            **(eval_pope.contrast_settings(config) if contrast else {}))
                 runs.append(eval_pope.score_files(question_file, path))
             metrics = {k: statistics.mean(r[k] for r in runs) for k in ("accuracy", "precision", "recall", "f1",
@@ -310,13 +310,13 @@ def main(argv=None):
     measure("vcd", model, processor, contrast=True)
 
     # ---- SEED: self-evolve a fresh copy of the base model with each loss -----------------------
-    losses_to_run = ["forward", "reverse"] if config.loss == "both" else [config.loss]
-    for loss in losses_to_run:
-        method = f"seed_{loss}"
+    divergences = ["forward", "reverse"] if config.loss == "both" else [config.loss]
+    for divergence in divergences:
+        method = f"seed_{divergence}"
         model, processor = load()
         model, history = seed.evolve(
             model, processor, unlabeled, object_names, os.path.join(config.out, method), rounds=config.rounds,
-            steps=config.steps, loss=loss, batch_size=config.batch_size, lr=config.lr, rank=config.rank,
+            steps=config.steps, divergence=divergence, batch_size=config.batch_size, lr=config.lr, rank=config.rank,
             adapter_alpha=config.adapter_alpha, alpha=config.alpha, beta=config.beta, noise_step=config.noise_step,
             probes_per_image=config.probes_per_image, description=description,
             checkpoint_every=config.checkpoint_every, resume=config.resume, seed=config.seed,
@@ -332,8 +332,8 @@ def main(argv=None):
     # ---- answer cost: every row on one freshly loaded copy of the weights, timed in interleaved rounds ----
     model, processor = load()
     rows = {"base": ({}, False), "vcd": ({}, True)}
-    for loss in losses_to_run:  # the merged SEED model: the base plus each round's adapter, merged
-        rows[f"seed_{loss}"] = (merged_weights(model, [os.path.join(config.out, f"seed_{loss}", f"round{r}")
+    for divergence in divergences:  # the merged SEED model: the base plus each round's adapter, merged
+        rows[f"seed_{divergence}"] = (merged_weights(model, [os.path.join(config.out, f"seed_{divergence}", f"round{r}")
                                                        for r in range(config.rounds)]), False)
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         costs = answer_costs(model, processor, pope_files["random"], image_dir, config.eval_batch_size, rows)

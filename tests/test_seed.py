@@ -42,19 +42,19 @@ def internvl_batch(model, batch=2):
             "pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
 
 
-def check_seed_step_moves_only_the_adapter(model, batch, loss):
+def check_seed_step_moves_only_the_adapter(model, batch, divergence):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = adapter.add_adapter(model, rank=4)
     optimizer = torch.optim.Adam(params, lr=1e-2)
     values = []
     for step in range(3):
-        value, teacher, student = seed.seed_step(model, batch, loss, generator=torch.Generator().manual_seed(step))
-        assert torch.isfinite(value) and student.shape == teacher.shape
+        loss, teacher, student = seed.seed_step(model, batch, divergence, generator=torch.Generator().manual_seed(step))
+        assert torch.isfinite(loss) and student.shape == teacher.shape
         assert student.shape[0] == int(batch["response_mask"][:, 1:].sum())  # response positions only
         optimizer.zero_grad()
-        value.backward()
+        loss.backward()
         optimizer.step()
-        values.append(value.item())
+        values.append(loss.item())
     assert values[0] >= 0 and values[-1] != values[0]
     changed = {n.replace(".base.", ".") for n, p in model.named_parameters()
                if n.replace(".base.", ".") in before and not torch.equal(p, before[n.replace(".base.", ".")])}
@@ -62,16 +62,16 @@ def check_seed_step_moves_only_the_adapter(model, batch, loss):
     assert all(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if n.endswith(".B"))
 
 
-@pytest.mark.parametrize("loss", ["reverse", "forward"])
-def test_seed_step_on_tiny_llava(llava, processor, loss):
+@pytest.mark.parametrize("divergence", ["reverse", "forward"])
+def test_seed_step_on_tiny_llava(llava, processor, divergence):
     batch, _, _ = llava_batch(processor)
-    check_seed_step_moves_only_the_adapter(llava, batch, loss)
+    check_seed_step_moves_only_the_adapter(llava, batch, divergence)
 
 
-@pytest.mark.parametrize("loss", ["reverse", "forward"])
-def test_seed_step_on_tiny_internvl(loss):
+@pytest.mark.parametrize("divergence", ["reverse", "forward"])
+def test_seed_step_on_tiny_internvl(divergence):
     model = tiny_internvl()
-    check_seed_step_moves_only_the_adapter(model, internvl_batch(model), loss)
+    check_seed_step_moves_only_the_adapter(model, internvl_batch(model), divergence)
 
 
 def test_response_logits_equal_the_full_forward_at_response_positions(llava, processor):
@@ -89,7 +89,7 @@ def test_seed_step_teacher_is_the_purified_base(llava, processor):
     """At init the student equals the base; the teacher is purify(clean, distorted) of the base."""
     batch, _, _ = llava_batch(processor)
     adapter.add_adapter(llava)
-    value, teacher, student = seed.seed_step(llava, batch, generator=torch.Generator().manual_seed(5))
+    loss, teacher, student = seed.seed_step(llava, batch, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = llava(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
         noisy = purge.distort(batch["pixel_values"], 500, torch.Generator().manual_seed(5))
@@ -100,7 +100,7 @@ def test_seed_step_teacher_is_the_purified_base(llava, processor):
     assert torch.equal(torch.isinf(teacher), torch.isinf(expected))
     torch.testing.assert_close(teacher[~torch.isinf(teacher)], expected[~torch.isinf(expected)], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(student, full[:, :-1][at], rtol=1e-5, atol=1e-5)
-    assert value.item() == pytest.approx(losses.reverse_kl(student, teacher).item())
+    assert loss.item() == pytest.approx(losses.reverse_kl(student, teacher).item())
 
 
 def test_void_eps_sets_the_reverse_kl_floor(llava, processor):
@@ -109,11 +109,11 @@ def test_void_eps_sets_the_reverse_kl_floor(llava, processor):
     adapter.add_adapter(llava)
     values = {}
     for eps in (1e-8, 1e-2):  # beta 0.9: a strict plausibility cut, so the untrained model's rows have voids
-        value, teacher, student = seed.seed_step(llava, batch, beta=0.9, generator=torch.Generator().manual_seed(5),
+        loss, teacher, student = seed.seed_step(llava, batch, beta=0.9, generator=torch.Generator().manual_seed(5),
                                                  void_eps=eps)
         assert torch.isinf(teacher).any()
-        assert value.item() == pytest.approx(losses.reverse_kl(student, teacher, eps=eps).item())
-        values[eps] = value.item()
+        assert loss.item() == pytest.approx(losses.reverse_kl(student, teacher, eps=eps).item())
+        values[eps] = loss.item()
     assert values[1e-2] < values[1e-8]  # a higher floor charges the void mass less
     forward, teacher, student = seed.seed_step(llava, batch, "forward", beta=0.9,
                                                generator=torch.Generator().manual_seed(5), void_eps=1e-2)
@@ -218,7 +218,7 @@ def test_the_teacher_stays_the_purified_base_after_the_adapter_has_moved(llava, 
     torch.manual_seed(3)
     for layer in adapter.adapter_layers(llava).values():
         torch.nn.init.normal_(layer.B, std=0.5)
-    value, teacher, student = seed.seed_step(llava, batch, noise_step=600, generator=torch.Generator().manual_seed(5))
+    loss, teacher, student = seed.seed_step(llava, batch, noise_step=600, generator=torch.Generator().manual_seed(5))
     at = batch["response_mask"][:, 1:]
     with torch.no_grad():
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
