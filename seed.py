@@ -7,10 +7,11 @@ One round: freeze the model, let it answer unlabeled images with *purified* gree
 (purge.purify at every token: no annotation is ever read), attach a fresh zero-initialised
 adapter, and distil the purified distribution back into the model with the reverse KL
 (Mode-Seeking Evolving). The teacher is the same weights with the adapter switched off.
-Merge the adapter; the merged model is the next round's teacher.
+Merge the adapter; the merged model is the next round's teacher. This file holds the pieces (the
+step, the examples, batches, checkpoints); train.py's `self_evolve` is the loop that uses them.
 
 Not from the paper (ours): the probe and description prompts, the optimiser and step counts,
-the reverse KL's void floor while training (1e-4, `evolve(void_eps=)`), and three economies that
+the reverse KL's void floor while training (1e-4, `train.py --void-eps`), and three economies that
 do not change the result: logits are computed at response positions only (never a [batch, length,
 vocabulary] float32 copy), the clean vision features are computed once per image and shared by the
 teacher's clean pass and the student's pass (the adapter lives in the language model, so they are
@@ -59,7 +60,7 @@ def seed_step(model, batch, divergence="reverse", alpha=purge.ALPHA, beta=purge.
     """One SEED step: teacher on clean and distorted images (adapter off, no grad), purify, student, KL.
 
     divergence: "reverse" (SEED's mode-seeking KL) or "forward" (classic distillation). void_eps: the
-    reverse KL's floor on void probabilities (losses.reverse_kl's eps; `evolve` trains at 1e-4).
+    reverse KL's floor on void probabilities (losses.reverse_kl's eps; train.py trains at 1e-4).
     Returns (loss, purified teacher logits, student logits); call loss.backward() yourself.
     """
     input_ids, attention_mask, response_mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
@@ -273,96 +274,53 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
 
 
 # ---------------------------------------------------------------------------------------------
-# Self-evolution
+# Pieces of a round (train.py's self_evolve runs the loop with them)
 
-def evolve(model, processor, images, object_names, out_dir, rounds=1, steps=600, divergence="reverse", batch_size=32,
-           lr=2e-3, rank=8, adapter_alpha=16.0, targets=("q_proj", "v_proj"), alpha=purge.ALPHA, beta=purge.BETA,
-           noise_step=purge.NOISE_STEP, probes_per_image=6, description="Describe the image.", max_new_tokens=24,
-           checkpoint_every=50, resume=False, seed=0, autocast_dtype=None, progress=True, void_eps=1e-4):
-    """Run `rounds` rounds of SEED on `model` in place; returns it merged, with a log of each round.
+def hold_out(examples, batch_size):
+    """(examples to train on, held-out examples) -- the held-out ones measure the student's void mass.
 
-    void_eps (reverse KL only) prices a unit of student mass on a void at log(1 / void_eps) nats.
-    1e-4 (9.2 nats; ours) rather than the loss's 1e-8 (18.4): at 1e-8 the void terms are most of the
-    loss and of its gradient, and the student drains tail mass from the voids while carrying over
-    only part of the teacher's changed answers (measured in the README).
-
-    Each round writes <out_dir>/round<r>/adapter.safetensors; checkpoints go to <out_dir>/checkpoint
-    every `checkpoint_every` steps, and resume=True continues from there with the same result as an
-    uninterrupted run (batches and noise are seeded by (seed, round, step), not by history).
+    Refuses when nothing would be left to train on.
     """
-    from tqdm import tqdm
+    count = max(batch_size, len(examples) // 20)
+    if len(examples) <= count:
+        raise ValueError(f"{len(examples)} SEED examples: {count} are held out to measure the void mass, which leaves "
+                         f"none to train on; give more unlabeled images or a smaller batch size")
+    return examples[:-count], examples[-count:]
 
-    os.makedirs(out_dir, exist_ok=True)
-    checkpoint = os.path.join(out_dir, "checkpoint")
-    contrast = dict(alpha=alpha, beta=beta, noise_step=noise_step)  # the teacher's, everywhere in the round
-    device = next(model.parameters()).device
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else torch.autocast(device.type, enabled=False))
-    history = []
-    start_round, start_step = 0, 0
-    if resume and os.path.exists(os.path.join(checkpoint, "progress.json")):
-        with open(os.path.join(checkpoint, "progress.json")) as f:
-            saved = json.load(f)
-        start_round, start_step = saved["round"], saved["step"]
-    for round_index in range(rounds):
-        round_dir = os.path.join(out_dir, f"round{round_index}")
-        if round_index < start_round:  # finished before the crash: replay its merge and its summary
-            adapter.load_adapter(model, round_dir)
-            adapter.merge_adapter(model)
-            with open(os.path.join(round_dir, "summary.json")) as f:
-                history.append({**json.load(f), "log": []})
-            continue
-        model.eval()  # no dropout: teacher and student differ by the adapter alone
-        with autocast:
-            examples = make_examples(model, processor, images, object_names, probes_per_image=probes_per_image,
-                                     description=description, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                     seed=seed + round_index, progress=progress, **contrast)
-        # Hold out a few examples to measure the student's mass on the teacher's voids (METHOD.md 3).
-        held_out_count = max(batch_size, len(examples) // 20)
-        if len(examples) <= held_out_count:
-            raise ValueError(f"{len(examples)} SEED examples from {len(images)} images: {held_out_count} are held out "
-                             f"to measure the void mass, which leaves none to train on; give more images than "
-                             f"{held_out_count // (probes_per_image + 1)} or a smaller batch size")
-        held_out = examples[-held_out_count:]
-        examples = examples[:-held_out_count]
-        torch.manual_seed(seed * 7919 + round_index)  # a fresh adapter's A, the same on every rerun
-        params = adapter.add_adapter(model, rank, adapter_alpha, targets)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        with autocast:  # the student before its first step is the base model
-            void_at_start = held_out_void_mass(model, processor, images, held_out, batch_size=batch_size, seed=seed,
-                                               **contrast)
-        if round_index == start_round and start_step > 0:  # resume mid-round: adapter, moments, step
-            load_checkpoint(model, optimizer, checkpoint)
-        bar = tqdm(range(start_step, steps), desc=f"SEED round {round_index} ({divergence} KL)", disable=not progress,
-                   initial=start_step, total=steps)
-        log = []
-        for step in bar:
-            rng = random.Random(f"{seed}/{round_index}/{step}")
-            batch = collate(rng.sample(examples, min(batch_size, len(examples))), processor, images)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + round_index * 10_007 + step)
-            with autocast:
-                loss, teacher, student = seed_step(model, batch, divergence, generator=generator, void_eps=void_eps,
-                                                   **contrast)
-            log.append({"step": step, "loss": loss.item(),
-                        "void_mass": losses.void_mass(student.detach(), teacher).item()})
-            del teacher, student  # only the loss's own saved tensors stay alive through the backward
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                save_checkpoint(model, optimizer, checkpoint, round_index, step + 1)
-        start_step = 0
-        with autocast:
-            void_at_end = held_out_void_mass(model, processor, images, held_out, batch_size=batch_size, seed=seed,
-                                             **contrast)
-        adapter.save_adapter(model, round_dir)
-        summary = {"round": round_index, "examples": len(examples), "void_mass_at_start": void_at_start,
-                   "void_mass": void_at_end}
-        with open(os.path.join(round_dir, "summary.json"), "w") as f:
-            json.dump(summary, f)
-        save_checkpoint(model, optimizer, checkpoint, round_index + 1, 0)
-        adapter.merge_adapter(model)
-        history.append({**summary, "log": log})
-    return model, history
+
+def training_batch(examples, processor, images, batch_size, seed, round_index, step, device):
+    """The batch of one step, drawn from (seed, round, step) alone: a resumed run draws the same ones."""
+    rng = random.Random(f"{seed}/{round_index}/{step}")
+    batch = collate(rng.sample(examples, min(batch_size, len(examples))), processor, images)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def step_generator(seed, round_index, step):
+    """The distortion noise of one step, seeded like its batch."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + round_index * 10_007 + step)
+
+
+def resume_point(checkpoint):
+    """(round, step) to continue from, as the last checkpoint wrote them; (0, 0) without one."""
+    if not os.path.exists(os.path.join(checkpoint, "progress.json")):
+        return 0, 0
+    with open(os.path.join(checkpoint, "progress.json")) as f:
+        saved = json.load(f)
+    return saved["round"], saved["step"]
+
+
+def replay_round(model, round_dir):
+    """A round finished before a crash: merge its adapter again and return its summary (no log)."""
+    adapter.load_adapter(model, round_dir)
+    adapter.merge_adapter(model)
+    with open(os.path.join(round_dir, "summary.json")) as f:
+        return {**json.load(f), "log": []}
+
+
+def finish_round(model, optimizer, round_dir, checkpoint, round_index, summary):
+    """Save the round's adapter and summary, mark the round done in the checkpoint, merge (METHOD.md 4)."""
+    adapter.save_adapter(model, round_dir)
+    with open(os.path.join(round_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    save_checkpoint(model, optimizer, checkpoint, round_index + 1, 0)
+    adapter.merge_adapter(model)  # the merged model is the next round's teacher

@@ -3,7 +3,9 @@
 Paper: "Identify, Isolate, and Purge: Mitigating Hallucinations in LVLMs via Self-Evolving
 Distillation" (SEED), arXiv 2507.04680. This script composes METHOD.md sections 1-6:
 purge.py (identify, isolate, purge), losses.py (Mode-Seeking Evolving), adapter.py (Hallucination
-Elimination Adapter), seed.py (self-evolution rounds) and eval_pope.py (POPE).
+Elimination Adapter), seed.py (the SEED step, the purified examples, checkpoints), decode.py and
+eval_pope.py (POPE). The training loop itself is `self_evolve` below: make the purified examples,
+attach the adapter, `loss = seed_step(...); loss.backward(); optimizer.step()`, checkpoint, merge.
 
     python train.py                                  # the built-in toy world, CPU, a few minutes
     python train.py --model llava-1.5-7b-hf --images unlabeled/ --pope pope/ --pope-images val2014/
@@ -12,7 +14,7 @@ Rows of the table: base; VCD decoding (the contrast at inference, two passes per
 forward KL (classic distillation, the paper's ablation); SEED with reverse KL (the paper).
 Everything printed is also in <out>/results.json. Not from the paper (ours): the toy world and its
 noise step (700; VCD's 500 with --model), the step counts and learning rate, the reverse KL's void
-floor while training (1e-4), CHAIR-style caption figures on the toy world only.
+floor while training (1e-4), CHAIR on the toy world only, the pictures.
 """
 import argparse
 import dataclasses
@@ -29,6 +31,7 @@ import torch
 import adapter
 import decode
 import eval_pope
+import losses
 import purge
 import seed
 
@@ -74,6 +77,8 @@ class Config:
                                                             "nats each (ours; losses.reverse_kl's default is 1e-8)"})
     unlabeled: int = field(default=400, metadata={"help": "toy world: unlabeled images for SEED"})
     probes_per_image: int = field(default=6, metadata={"help": "yes/no probes the model answers per unlabeled image"})
+    description_tokens: int = field(default=24, metadata={"help": "length limit of the model's purified descriptions "
+                                                                  "of the unlabeled images (ours)"})
     eval_images: int = field(default=250, metadata={"help": "toy world: held-out POPE images (6 questions each)"})
     sample_seeds: int = field(default=3, metadata={"help": "seeds for sampled decoding (mean and spread)"})
     eval_batch_size: int = field(default=64, metadata={"help": "questions per forward pass in evaluation"})
@@ -108,7 +113,7 @@ def parse_config(argv=None):
 def check_config(args):
     """The first thing wrong with the flags or the paths they name, as one sentence; None if all is well."""
     at_least = {"pretrain_steps": 1, "rounds": 1, "steps": 1, "batch_size": 1, "rank": 1, "unlabeled": 1,
-                "probes_per_image": 0, "eval_images": 1, "sample_seeds": 1, "eval_batch_size": 1,
+                "probes_per_image": 0, "description_tokens": 1, "eval_images": 1, "sample_seeds": 1, "eval_batch_size": 1,
                 "checkpoint_every": 0}
     for name, low in at_least.items():
         if getattr(args, name) < low:
@@ -140,6 +145,78 @@ def check_config(args):
     if missing:
         return f"--pope {args.pope}: no *_pope_{missing[0]}.json (POPE's three files are needed: {eval_pope.SPLITS})"
     return None
+
+
+def self_evolve(model, processor, images, object_names, out_dir, config, divergence, description,
+                autocast_dtype=None):
+    """SEED's rounds of self-evolution on `model`, in place (METHOD.md 3-5); returns it merged, with a log per round.
+
+    Each round writes <out_dir>/round<r>/ (the adapter and a summary); a checkpoint (adapter, optimiser
+    moments, step) goes to <out_dir>/checkpoint every config.checkpoint_every steps, and
+    config.resume continues from it with the same result as an uninterrupted run: every batch and
+    every noise draw is seeded by (seed, round, step), never by what ran before.
+    """
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoint = os.path.join(out_dir, "checkpoint")
+    contrast = eval_pope.contrast_settings(config)  # the teacher's alpha, beta and noise step (METHOD.md 1-2)
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    start_round, start_step = seed.resume_point(checkpoint) if config.resume else (0, 0)
+    history = []
+    for round_index in range(config.rounds):
+        round_dir = os.path.join(out_dir, f"round{round_index}")
+        if round_index < start_round:  # finished before a crash: replay its merge and its summary
+            history.append(seed.replay_round(model, round_dir))
+            continue
+        # Identify, isolate, purge: the model's own purified answers on unlabeled images (no labels read)
+        model.eval()  # no dropout: teacher and student differ by the adapter alone
+        with autocast:
+            examples = seed.make_examples(model, processor, images, object_names,
+                                          probes_per_image=config.probes_per_image, description=description,
+                                          batch_size=config.batch_size, max_new_tokens=config.description_tokens,
+                                          seed=config.seed + round_index, progress=config.progress, **contrast)
+        examples, held_out = seed.hold_out(examples, config.batch_size)
+        # The Hallucination Elimination Adapter: fresh, zero-initialised; with it off the model is the teacher
+        torch.manual_seed(config.seed * 7919 + round_index)  # its A, the same on every rerun
+        params = adapter.add_adapter(model, config.rank, config.adapter_alpha)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        with autocast:  # the student before its first step is the base model
+            void_at_start = seed.held_out_void_mass(model, processor, images, held_out, batch_size=config.batch_size,
+                                                    seed=config.seed, **contrast)
+        first_step = 0
+        if round_index == start_round and start_step > 0:  # resume mid-round: adapter, moments, step
+            seed.load_checkpoint(model, optimizer, checkpoint)
+            first_step = start_step
+        # Mode-seeking evolving: distil the purified teacher into the student with the reverse KL
+        log = []
+        bar = tqdm(range(first_step, config.steps), desc=f"SEED round {round_index} ({divergence} KL)",
+                   disable=not config.progress, initial=first_step, total=config.steps)
+        for step in bar:
+            batch = seed.training_batch(examples, processor, images, config.batch_size, config.seed, round_index, step,
+                                        device)
+            with autocast:
+                loss, teacher, student = seed.seed_step(model, batch, divergence, void_eps=config.void_eps,
+                                                        generator=seed.step_generator(config.seed, round_index, step),
+                                                        **contrast)
+            log.append({"step": step, "loss": loss.item(),
+                        "void_mass": losses.void_mass(student.detach(), teacher).item()})
+            del teacher, student  # only the loss's own saved tensors stay alive through the backward
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                seed.save_checkpoint(model, optimizer, checkpoint, round_index, step + 1)
+        with autocast:
+            void_at_end = seed.held_out_void_mass(model, processor, images, held_out, batch_size=config.batch_size,
+                                                  seed=config.seed, **contrast)
+        summary = {"round": round_index, "examples": len(examples), "void_mass_at_start": void_at_start,
+                   "void_mass": void_at_end}
+        seed.finish_round(model, optimizer, round_dir, checkpoint, round_index, summary)  # save, then merge
+        history.append({**summary, "log": log})
+    return model, history
 
 
 def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decodings=("greedy", "sample"),
@@ -314,13 +391,8 @@ def main(argv=None):
     for divergence in divergences:
         method = f"seed_{divergence}"
         model, processor = load()
-        model, history = seed.evolve(
-            model, processor, unlabeled, object_names, os.path.join(config.out, method), rounds=config.rounds,
-            steps=config.steps, divergence=divergence, batch_size=config.batch_size, lr=config.lr, rank=config.rank,
-            adapter_alpha=config.adapter_alpha, alpha=config.alpha, beta=config.beta, noise_step=config.noise_step,
-            probes_per_image=config.probes_per_image, description=description,
-            checkpoint_every=config.checkpoint_every, resume=config.resume, seed=config.seed,
-            autocast_dtype=autocast, progress=config.progress, void_eps=config.void_eps)
+        model, history = self_evolve(model, processor, unlabeled, object_names, os.path.join(config.out, method),
+                                     config, divergence, description, autocast_dtype=autocast)
         measure(method, model, processor)
         results[method]["void_mass"] = [h["void_mass"] for h in history]
         results[method]["void_mass_at_start"] = [h["void_mass_at_start"] for h in history]

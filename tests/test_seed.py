@@ -121,14 +121,17 @@ def test_void_eps_sets_the_reverse_kl_floor(llava, processor):
 
 
 def small_evolve(model, processor, out_dir, **kwargs):
+    """train.self_evolve at a tiny budget: the loop that python train.py runs."""
     import toyworld
+    import train
 
     world = toyworld.make_world(0)
     images = toyworld.unlabeled_images(world, 6, seed=2)
-    options = dict(rounds=1, steps=6, batch_size=4, probes_per_image=2, max_new_tokens=4, checkpoint_every=2,
-                   progress=False)
+    options = dict(rounds=1, steps=6, batch_size=4, probes_per_image=2, description_tokens=4, checkpoint_every=2,
+                   progress=False, noise_step=500)
     options.update(kwargs)
-    return seed.evolve(model, processor, images, world["names"], out_dir, **options)
+    return train.self_evolve(model, processor, images, world["names"], out_dir, train.Config(**options),
+                             divergence="reverse", description=toyworld.DESCRIBE)
 
 
 def test_choose_probes_asks_about_named_objects_and_their_co_occurring_ones():
@@ -242,13 +245,9 @@ def test_collate_refuses_a_response_holding_the_image_placeholder(processor):
 
 
 def test_evolve_refuses_too_few_examples_to_train_on(llava, processor, tmp_path):
-    import toyworld
-
-    world = toyworld.make_world(0)
-    images = toyworld.unlabeled_images(world, 2, seed=2)  # 2 images x 3 prompts = 6 examples, batch 8
-    with pytest.raises(ValueError, match="6 SEED examples from 2 images: 8 are held out"):
-        seed.evolve(llava, processor, images, world["names"], str(tmp_path), steps=1, batch_size=8,
-                    probes_per_image=2, max_new_tokens=2, progress=False)
+    # 6 images x 3 prompts = 18 examples, a batch of 18: all of them would be held out
+    with pytest.raises(ValueError, match="18 SEED examples: 18 are held out to measure the void mass"):
+        small_evolve(llava, processor, str(tmp_path), steps=1, batch_size=18)
 
 
 def test_seed_step_on_internvl_images_with_different_tile_counts():
