@@ -30,10 +30,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 class AdapterLinear(nn.Module):
     """A frozen nn.Linear plus the trainable low-rank residual (alpha_r / r) B A x."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha_r: float):
         super().__init__()
         self.base = base
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.rank, self.alpha_r, self.scale = rank, alpha_r, alpha_r / rank
         device = base.weight.device
         self.A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
         self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
@@ -73,7 +73,7 @@ def _set_submodule(root, qualified_name, module):
     setattr(root.get_submodule(parent_name) if parent_name else root, child_name, module)
 
 
-def add_adapter(model, rank=8, alpha=16.0, targets=("q_proj", "v_proj")):
+def add_adapter(model, rank=8, alpha_r=16.0, targets=("q_proj", "v_proj")):
     """Wrap every nn.Linear of the language model whose name ends with a target; freeze all else.
 
     Returns the list of trainable parameters (the A and B of every adapter).
@@ -94,10 +94,10 @@ def add_adapter(model, rank=8, alpha=16.0, targets=("q_proj", "v_proj")):
         parameter.requires_grad_(False)
     trainable = []
     for name, linear in chosen.items():
-        wrapped = AdapterLinear(linear, rank, alpha)
+        wrapped = AdapterLinear(linear, rank, alpha_r)
         _set_submodule(decoder, name, wrapped)
         trainable += [wrapped.A, wrapped.B]
-    model._adapter_settings = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    model._adapter_settings = {"rank": rank, "alpha_r": alpha_r, "targets": list(targets)}
     return trainable
 
 
@@ -161,7 +161,9 @@ def load_adapter(model, path):
     with open(config_path) as f:
         settings = json.load(f)
     if not adapter_layers(model):
-        add_adapter(model, rank=settings["rank"], alpha=settings["alpha"], targets=tuple(settings["targets"]))
+        # "alpha" is the key of adapters saved before the scale was named alpha_r (METHOD.md 4)
+        add_adapter(model, rank=settings["rank"], alpha_r=settings.get("alpha_r", settings.get("alpha")),
+                    targets=tuple(settings["targets"]))
     layers = adapter_layers(model)
     tensors = load_file(weights_path)
     if sorted(layers) != settings["layers"]:

@@ -180,7 +180,7 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
         examples, held_out = seed.hold_out(examples, config.batch_size)
         # The Hallucination Elimination Adapter: fresh, zero-initialised; with it off the model is the teacher
         torch.manual_seed(config.seed * 7919 + round_index)  # its A, the same on every rerun
-        params = adapter.add_adapter(model, config.rank, config.adapter_alpha)
+        params = adapter.add_adapter(model, rank=config.rank, alpha_r=config.adapter_alpha)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         with autocast:  # the student before its first step is the base model
             void_at_start = seed.held_out_void_mass(model, processor, images, held_out, batch_size=config.batch_size,

@@ -23,7 +23,7 @@ def train_a_little(model, inputs, params, steps=3):
 
 
 def test_wraps_only_language_model_targets_and_freezes_the_rest(llava):
-    params = adapter.add_adapter(llava, rank=4, alpha=8.0)
+    params = adapter.add_adapter(llava, rank=4, alpha_r=8.0)
     layers = adapter.adapter_layers(llava)
     n_layers = llava.config.text_config.num_hidden_layers
     assert len(layers) == 2 * n_layers
@@ -79,7 +79,7 @@ def test_merge_equals_unmerged_and_leaves_a_plain_model(llava, llava_inputs, tmp
 def test_save_load_round_trip_reproduces_the_logits(llava, llava_inputs, tmp_path, processor):
     import toyworld
 
-    params = adapter.add_adapter(llava, rank=4, alpha=4.0)
+    params = adapter.add_adapter(llava, rank=4, alpha_r=4.0)
     train_a_little(llava, llava_inputs, params)
     trained = logits(llava, llava_inputs)
     adapter.save_adapter(llava, tmp_path)
@@ -111,7 +111,7 @@ def test_adapter_output_is_w_x_plus_alpha_over_r_b_a_x():
     """The formula itself, with B away from zero: h = W x + (alpha_r / r) B A x."""
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10)
-    layer = adapter.AdapterLinear(base, rank=4, alpha=16.0)
+    layer = adapter.AdapterLinear(base, rank=4, alpha_r=16.0)
     with torch.no_grad():
         layer.B.normal_()
     x = torch.randn(3, 12)
@@ -139,7 +139,7 @@ def test_merging_into_bfloat16_loses_no_more_of_a_small_update_than_the_unmerged
     base = torch.nn.Linear(1024, 1024, bias=False).to(torch.bfloat16)
     with torch.no_grad():
         base.weight.normal_(0, 0.02)
-    layer = adapter.AdapterLinear(base, rank=8, alpha=16.0)
+    layer = adapter.AdapterLinear(base, rank=8, alpha_r=16.0)
     with torch.no_grad():
         layer.B.normal_()
         update = layer.scale * layer.B @ layer.A
