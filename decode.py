@@ -13,6 +13,15 @@ import torch
 import purge
 
 
+def seeded_generator(seed, item):
+    """The CPU generator of one item (a question, an example, a step) under a run's seed.
+
+    Every noise draw of the project comes from one of these, one per item, so a result never depends
+    on the batch an item shared or on where a resumed run restarted.
+    """
+    return torch.Generator().manual_seed(seed * 1_000_003 + item)
+
+
 def _sample_next(logits, generators, temperature, top_p):
     """One token per row: Gumbel-max with each row's own generator, after the top-p filter."""
     logits = logits.float() / temperature
@@ -65,7 +74,7 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
     """
     batch = inputs["input_ids"].shape[0]
     if (sample or contrast) and generators is None:
-        generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+        generators = [seeded_generator(0, i) for i in range(batch)]
     attention_mask = inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
     pixel_values = inputs["pixel_values"].to(model.dtype)

@@ -226,7 +226,7 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
             images = [_open_image(os.path.join(image_dir, q["image"]), question_file, q) for q in chunk]
             prompts = [q["text"] + PROMPT_SUFFIX for q in chunk]
             inputs = decode.prompt_batch(processor, images, prompts, device)
-            generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(q["question_id"])) for q in chunk]
+            generators = [decode.seeded_generator(seed, int(q["question_id"])) for q in chunk]
             ids = decode.generate(model, inputs, max_new_tokens, generators=generators,
                            eos_token_id=processor.tokenizer.eos_token_id,
                            suppress_token_ids=decode.placeholder_token_ids(model, processor), **DECODINGS[decoding],

@@ -118,7 +118,7 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
         chunk = prompts[start:start + batch_size]
         inputs = decode.prompt_batch(processor, [images[i] for i, _ in chunk], [text for _, text in chunk], device)
-        generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + j) for j in range(len(chunk))]
+        generators = [decode.seeded_generator(seed, start + j) for j in range(len(chunk))]
         responses += decode.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
                                         alpha=alpha, beta=beta, noise_step=noise_step,
                                         eos_token_id=tokenizer.eos_token_id,
@@ -265,7 +265,7 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], processor, images).items()}
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + 999_983 + start)
+        generator = decode.seeded_generator(seed, 999_983 + start)
         _, teacher, student = seed_step(model, batch, "reverse", alpha=alpha, beta=beta, noise_step=noise_step,
                                         generator=generator)
         total += losses.void_mass(student, teacher).item() * teacher.shape[0]
@@ -297,7 +297,7 @@ def training_batch(examples, processor, images, batch_size, seed, round_index, s
 
 def step_generator(seed, round_index, step):
     """The distortion noise of one step, seeded like its batch."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + round_index * 10_007 + step)
+    return decode.seeded_generator(seed, round_index * 10_007 + step)
 
 
 def resume_point(checkpoint):

@@ -465,7 +465,7 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
         chunk = names[start:start + batch_size]
         images = [Image.open(os.path.join(image_dir, n)).convert("RGB") for n in chunk]
         inputs = decode.prompt_batch(processor, images, ["Describe the image."] * len(chunk), device)
-        generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+        generators = [decode.seeded_generator(0, start + i) for i in range(len(chunk))]
         ids = decode.generate(model, inputs, 24, contrast=contrast, generators=generators,
                                  eos_token_id=processor.tokenizer.eos_token_id,
                                  suppress_token_ids=decode.placeholder_token_ids(model, processor), **contrast_options)
