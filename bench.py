@@ -146,7 +146,7 @@ def memory_probe(args):
     optimizer = torch.optim.AdamW(adapter.add_adapter(model), lr=1e-4)
     batch = make_batch(args.batch_size)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
-    step = train_step_fn(model, batch, args.memory_probe, optimizer, autocast)
+    step = train_step_fn(model, batch, args.memory_probe, optimizer=optimizer, autocast=autocast)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -187,8 +187,8 @@ def main(argv=None):
     # 1. training step: SEED vs plain adapter fine-tuning, same model, batch and adapter
     optimizer = torch.optim.AdamW(adapter.add_adapter(model), lr=1e-4)
     batch = make_batch(args.batch_size)
-    t_seed = timed(train_step_fn(model, batch, "seed", optimizer, autocast), device, args.repeats)
-    t_sft = timed(train_step_fn(model, batch, "sft", optimizer, autocast), device, args.repeats)
+    t_seed = timed(train_step_fn(model, batch, "seed", optimizer=optimizer, autocast=autocast), device, args.repeats)
+    t_sft = timed(train_step_fn(model, batch, "sft", optimizer=optimizer, autocast=autocast), device, args.repeats)
     results.update(train_step_seed_s=t_seed, train_step_sft_s=t_sft, train_step_ratio=ratio(t_seed, t_sft))
 
     # 2. answer cost: the merged SEED model, the base model (adapter off) and VCD decoding

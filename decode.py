@@ -80,8 +80,9 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
     pixel_values = inputs["pixel_values"].to(model.dtype)
     streams = [pixel_values]
     if contrast:
-        streams.append(distort_per_question(pixel_values, inputs["input_ids"], placeholder_token_ids(model)[0],
-                                            noise_step, generators))
+        streams.append(distort_per_question(pixel_values, inputs["input_ids"],
+                                            image_token_id=placeholder_token_ids(model)[0], noise_step=noise_step,
+                                            generators=generators))
     suppressed = torch.tensor(sorted(set(placeholder_token_ids(model)) | set(suppress_token_ids)), dtype=torch.long,
                               device=attention_mask.device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -354,7 +354,8 @@ def main(argv=None):
                  "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         model, processor = decode.load_model(args.model, args.device, dtype)
         contrast = contrast_settings(args) if DECODINGS[args.decoding].get("contrast") else {}
-        answers = answer_questions(model, processor, args.questions, args.images, args.out, decoding=args.decoding,
+        answers = answer_questions(model, processor, args.questions, image_dir=args.images, out_path=args.out,
+                                   decoding=args.decoding,
                                    batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                    **contrast)
         print(f"{len(answers)} answers in {args.out}")

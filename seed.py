@@ -68,11 +68,12 @@ def seed_step(model, batch, divergence="reverse", alpha=purge.ALPHA, beta=purge.
         clean = image_features(model, batch["pixel_values"])
         distorted = image_features(model, purge.distort(batch["pixel_values"], noise_step, generator))
         with adapter.adapter_disabled(model):
-            z = response_logits(model, input_ids, attention_mask, clean, response_mask)
-            z_distorted = response_logits(model, input_ids, attention_mask, distorted, response_mask)
+            z = response_logits(model, input_ids, attention_mask, features=clean, response_mask=response_mask)
+            z_distorted = response_logits(model, input_ids, attention_mask, features=distorted,
+                                          response_mask=response_mask)
         teacher = purge.purify(z, z_distorted, alpha, beta)  # pt = softmax(teacher), voids at -inf
         del z, z_distorted, distorted
-    student = response_logits(model, input_ids, attention_mask, clean, response_mask)
+    student = response_logits(model, input_ids, attention_mask, features=clean, response_mask=response_mask)
     if divergence == "reverse":
         return losses.reverse_kl(student, teacher, eps=void_eps), teacher, student
     return losses.forward_kl(student, teacher), teacher, student
@@ -82,7 +83,8 @@ def sft_step(model, batch):
     """A plain adapter fine-tuning step on the same response tokens (the baseline bench.py compares to)."""
     with torch.no_grad():
         clean = image_features(model, batch["pixel_values"])
-    student = response_logits(model, batch["input_ids"], batch["attention_mask"], clean, batch["response_mask"])
+    student = response_logits(model, batch["input_ids"], batch["attention_mask"], features=clean,
+                              response_mask=batch["response_mask"])
     targets = batch["input_ids"][:, 1:][batch["response_mask"][:, 1:]]
     return torch.nn.functional.cross_entropy(student.float(), targets)
 
@@ -322,5 +324,5 @@ def finish_round(model, optimizer, round_dir, checkpoint, round_index, summary):
     adapter.save_adapter(model, round_dir)
     with open(os.path.join(round_dir, "summary.json"), "w") as f:
         json.dump(summary, f)
-    save_checkpoint(model, optimizer, checkpoint, round_index + 1, 0)
+    save_checkpoint(model, optimizer, checkpoint, round_index=round_index + 1, step=0)
     adapter.merge_adapter(model)  # the merged model is the next round's teacher

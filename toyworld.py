@@ -310,7 +310,8 @@ def training_batches(world, config, processor):
                 text = caption(scenes[index], world, rng, config.mention_rate)
                 sequences.append((prompt_ids(processor, DESCRIBE), response_ids(tokenizer, text)))
             else:
-                name, answer = probe(scenes[index], world, rng, config.mention_rate, config.asked_present_rate)
+                name, answer = probe(scenes[index], world, rng, mention_rate=config.mention_rate,
+                                     asked_present_rate=config.asked_present_rate)
                 sequences.append((prompt_ids(processor, eval_pope.question_for(name) + eval_pope.PROMPT_SUFFIX),
                                   response_ids(tokenizer, answer)))
         input_ids, attention_mask, labels = collate(sequences, tokenizer.pad_token_id)
@@ -447,7 +448,7 @@ def diagnose(model, processor, world, n_images=200, seed=30_000, noise_step=NOIS
     result = {}
     for group, (images, names) in groups.items():
         clean = yes_probability(model, processor, images, names).mean().item()
-        distorted = yes_probability(model, processor, images, names, noise_step, seed).mean().item()
+        distorted = yes_probability(model, processor, images, names, noise_step=noise_step, seed=seed).mean().item()
         result[group] = {"clean": clean, "distorted": distorted, "n": len(names)}
     return result
 
@@ -555,7 +556,7 @@ def build(config=None, progress=True, shipped=True):
     start = time.time()
     processor = make_processor(config.image_size)
     model = make_model(processor.tokenizer, config.image_size, seed=config.seed)
-    pretrain(model, processor, world, config, progress)
+    pretrain(model, processor, world, config, progress=progress)
     seconds = time.time() - start
     tmp = f"{final}.tmp-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)

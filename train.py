@@ -194,8 +194,8 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
         bar = tqdm(range(first_step, config.steps), desc=f"SEED round {round_index} ({divergence} KL)",
                    disable=not config.progress, initial=first_step, total=config.steps)
         for step in bar:
-            batch = seed.training_batch(examples, processor, images, config.batch_size, config.seed, round_index, step,
-                                        device)
+            batch = seed.training_batch(examples, processor, images, batch_size=config.batch_size, seed=config.seed,
+                                        round_index=round_index, step=step, device=device)
             with autocast:
                 loss, teacher, student = seed.seed_step(model, batch, divergence, void_eps=config.void_eps,
                                                         generator=seed.step_generator(config.seed, round_index, step),
@@ -208,13 +208,14 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-                seed.save_checkpoint(model, optimizer, checkpoint, round_index, step + 1)
+                seed.save_checkpoint(model, optimizer, checkpoint, round_index=round_index, step=step + 1)
         with autocast:
             void_at_end = seed.held_out_void_mass(model, processor, images, held_out, batch_size=config.batch_size,
                                                   seed=config.seed, **contrast)
         summary = {"round": round_index, "examples": len(examples), "void_mass_at_start": void_at_start,
                    "void_mass": void_at_end}
-        seed.finish_round(model, optimizer, round_dir, checkpoint, round_index, summary)  # save, then merge
+        seed.finish_round(model, optimizer, round_dir=round_dir, checkpoint=checkpoint, round_index=round_index,
+                          summary=summary)  # save, then merge
         history.append({**summary, "log": log})
     return model, history
 
@@ -233,8 +234,9 @@ def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decod
             for s in seeds:
                 path = os.path.join(answers_dir, f"{name}_{split}_seed{s}.jsonl")  # resumed if it exists
                 # VCD contrasts with the flags' alpha, beta and noise step, the same contrast as SEED's teacher
-                eval_pope.answer_questions(model, processor, question_file, image_dir, path, decoding=name,
-                                           batch_size=config.eval_batch_size, seed=s, max_new_tokens=4, progress=config.progress,
+                eval_pope.answer_questions(model, processor, question_file, image_dir=image_dir, out_path=path,
+                                           decoding=name, batch_size=config.eval_batch_size, seed=s, max_new_tokens=4,
+                                           progress=config.progress,
                                            **(eval_pope.contrast_settings(config) if contrast else {}))
                 runs.append(eval_pope.score_files(question_file, path))
             metrics = {k: statistics.mean(r[k] for r in runs) for k in ("accuracy", "precision", "recall", "f1",
@@ -361,7 +363,8 @@ def main(argv=None):
         if not config.resume:  # a fresh run starts from no answers; --resume keeps and continues them
             shutil.rmtree(answers_dir, ignore_errors=True)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            pope = evaluate(model, processor, pope_files, image_dir, answers_dir, config, contrast=contrast)
+            pope = evaluate(model, processor, pope_files, image_dir=image_dir, answers_dir=answers_dir, config=config,
+                            contrast=contrast)
             if caption_set is not None:
                 pope["captions"] = caption_hallucination(model, processor, *caption_set, contrast=contrast,
                                                          **eval_pope.contrast_settings(config))
@@ -391,8 +394,9 @@ def main(argv=None):
     for divergence in divergences:
         method = f"seed_{divergence}"
         model, processor = load()
-        model, history = self_evolve(model, processor, unlabeled, object_names, os.path.join(config.out, method),
-                                     config, divergence, description, autocast_dtype=autocast)
+        model, history = self_evolve(model, processor, unlabeled, object_names,
+                                     out_dir=os.path.join(config.out, method), config=config, divergence=divergence,
+                                     description=description, autocast_dtype=autocast)
         measure(method, model, processor)
         results[method]["void_mass"] = [h["void_mass"] for h in history]
         results[method]["void_mass_at_start"] = [h["void_mass_at_start"] for h in history]
@@ -408,14 +412,15 @@ def main(argv=None):
         rows[f"seed_{divergence}"] = (merged_weights(model, [os.path.join(config.out, f"seed_{divergence}", f"round{r}")
                                                        for r in range(config.rounds)]), False)
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        costs = answer_costs(model, processor, pope_files["random"], image_dir, config.eval_batch_size, rows)
+        costs = answer_costs(model, processor, pope_files["random"], image_dir=image_dir,
+                             batch_size=config.eval_batch_size, rows=rows)
     for method, seconds in costs.items():
         results[method]["seconds_per_answer"] = seconds
     save_results()
 
     # ---- the table and the pictures -------------------------------------------------------------
     print(format_results(results, list(pope_files)))
-    draw_pictures(results, list(pope_files), pope_files, image_dir, config.out)
+    draw_pictures(results, list(pope_files), pope_files=pope_files, image_dir=image_dir, out=config.out)
     print(f"\nall numbers: {os.path.join(config.out, 'results.json')}; pictures: results.png, scenes.png")
     return results
 
