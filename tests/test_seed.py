@@ -296,3 +296,23 @@ def test_batching_leaves_the_tokenizer_as_it_found_it(processor, side):
         processor.tokenizer.padding_side = "right"
     assert (left["attention_mask"][:, -1] == 1).all() and (left["attention_mask"][:, 0] == 0).any()
     assert (right["attention_mask"][:, 0] == 1).all() and torch.equal(right["input_ids"], batch["input_ids"])
+
+
+def test_the_readme_loop_runs_as_written(processor):
+    """The README's "SEED in your own training code" block, run on the tiny LLaVA (2 steps, not 600)."""
+    import re
+
+    import toyworld
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = readme[readme.index("## SEED in your own training code"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "seed.seed_step(" in code and "loss.backward()" in code and "range(600)" in code
+    model = toyworld.make_model(processor.tokenizer, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    world = toyworld.make_world(0)
+    namespace = {"torch": torch, "model": model, "processor": processor, "object_names": world["names"],
+                 "images": toyworld.unlabeled_images(world, 8, seed=2)}
+    exec(code.replace("range(600)", "range(2)"), namespace)
+    assert not adapter.adapter_layers(model)  # merged: a plain model again
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # and it learned something
