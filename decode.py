@@ -37,10 +37,13 @@ def _sample_next(logits, generators, temperature, top_p):
     return (logits + gumbel).argmax(-1)
 
 
-def placeholder_token_ids(model, processor=None):
+def placeholder_token_ids(model=None, processor=None):
     """Ids of the tokens that stand for an image or video (and the markers a processor writes around
-    them): never a valid token of an answer, since the next pass would read it as a placeholder."""
-    ids = {getattr(model.config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id")}
+    them), from the model's config and the processor: never a valid token of an answer, since the
+    next pass would read it as a placeholder."""
+    ids = set()
+    if model is not None:
+        ids |= {getattr(model.config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id")}
     if processor is not None:
         ids |= set(processor.image_token_ids) | set(processor.video_token_ids)
     return sorted(i for i in ids if i is not None)

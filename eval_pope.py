@@ -228,9 +228,9 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
             inputs = decode.prompt_batch(processor, images, prompts, device)
             generators = [decode.seeded_generator(seed, int(q["question_id"])) for q in chunk]
             ids = decode.generate(model, inputs, max_new_tokens, generators=generators,
-                           eos_token_id=processor.tokenizer.eos_token_id,
-                           suppress_token_ids=decode.placeholder_token_ids(model, processor), **DECODINGS[decoding],
-                           **decode_options)
+                                  eos_token_id=processor.tokenizer.eos_token_id,
+                                  suppress_token_ids=decode.placeholder_token_ids(model, processor),
+                                  **DECODINGS[decoding], **decode_options)
             for q, prompt, row in zip(chunk, prompts, ids):
                 record = {"question_id": q["question_id"], "prompt": prompt,
                           "text": processor.tokenizer.decode(row, skip_special_tokens=True).strip(),

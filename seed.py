@@ -122,9 +122,8 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
         inputs = decode.prompt_batch(processor, [images[i] for i, _ in chunk], [text for _, text in chunk], device)
         generators = [decode.seeded_generator(seed, start + j) for j in range(len(chunk))]
         responses += decode.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
-                                        alpha=alpha, beta=beta, noise_step=noise_step,
-                                        eos_token_id=tokenizer.eos_token_id,
-                                        suppress_token_ids=decode.placeholder_token_ids(model, processor))
+                                     alpha=alpha, beta=beta, noise_step=noise_step, eos_token_id=tokenizer.eos_token_id,
+                                     suppress_token_ids=decode.placeholder_token_ids(model, processor))
     return responses
 
 
@@ -189,7 +188,7 @@ def make_examples(model, processor, images, object_names, probes_per_image=6, de
 def collate(examples, processor, images):
     """Right-padded batch: input_ids, attention_mask, response_mask (True on response tokens), pixel_values."""
     tokenizer = processor.tokenizer
-    placeholders = set(processor.image_token_ids) | set(processor.video_token_ids)
+    placeholders = set(decode.placeholder_token_ids(processor=processor))
     for e in examples:
         if placeholders & set(e["response"]):
             raise ValueError(f"a response on image {e['image']} holds an image placeholder token "
