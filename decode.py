@@ -83,10 +83,12 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
     pixel_values = inputs["pixel_values"].to(model.dtype)
     streams = [pixel_values]
     if contrast:
+        # the image placeholder itself, as seed.response_logits reads it (not the first of the sorted
+        # placeholder ids, which could be a video token's)
         streams.append(distort_per_question(pixel_values, inputs["input_ids"],
-                                            image_token_id=placeholder_token_ids(model)[0], noise_step=noise_step,
+                                            image_token_id=model.config.image_token_id, noise_step=noise_step,
                                             generators=generators))
-    suppressed = torch.tensor(sorted(set(placeholder_token_ids(model)) | set(suppress_token_ids)), dtype=torch.long,
+    suppressed = torch.tensor(placeholder_token_ids(model) + list(suppress_token_ids), dtype=torch.long,
                               device=attention_mask.device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     outputs = [model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=position_ids,

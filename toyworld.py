@@ -295,8 +295,10 @@ def training_batches(world, config, processor):
     rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     scenes = [sample_scene(world, rng, config.partner_rate) for _ in range(config.train_scenes)]
-    pixel_values = {}  # scene index -> (3, H, W): rendered when a batch first needs it (training_fingerprint
-    tokenizer = processor.tokenizer  # reads a few batches, not all 4,000 scenes)
+    # scene index -> (3, H, W), rendered when a batch first needs it: training_fingerprint reads a few
+    # batches, not all 4,000 scenes
+    pixel_values = {}
+    tokenizer = processor.tokenizer
     for _ in range(config.steps):
         batch = [rng.randrange(len(scenes)) for _ in range(config.batch_size)]
         new = sorted({i for i in batch if i not in pixel_values})

@@ -110,11 +110,22 @@ def parse_config(argv=None):
     return Config(**vars(args))
 
 
+def pope_files_in(folder):
+    """{split: path} of the *_pope_{split}.json files in a folder, in the table's order (random, popular, adversarial)."""
+    names = sorted(os.listdir(folder))
+    return {s: os.path.join(folder, n) for s in eval_pope.SPLITS for n in names if n.endswith(f"_pope_{s}.json")}
+
+
+def image_names_in(folder):
+    """The image files of a folder (.jpg, .jpeg, .png), sorted."""
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+
+
 def check_config(args):
     """The first thing wrong with the flags or the paths they name, as one sentence; None if all is well."""
     at_least = {"pretrain_steps": 1, "rounds": 1, "steps": 1, "batch_size": 1, "rank": 1, "unlabeled": 1,
-                "probes_per_image": 0, "description_tokens": 1, "eval_images": 1, "sample_seeds": 1, "eval_batch_size": 1,
-                "checkpoint_every": 0}
+                "probes_per_image": 0, "description_tokens": 1, "eval_images": 1, "sample_seeds": 1,
+                "eval_batch_size": 1, "checkpoint_every": 0}
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}"
@@ -139,9 +150,9 @@ def check_config(args):
     for flag, folder in (("--images", args.images), ("--pope", args.pope), ("--pope-images", args.pope_images)):
         if not os.path.isdir(folder):
             return f"{flag} {folder}: no such folder"
-    if not any(n.lower().endswith((".jpg", ".jpeg", ".png")) for n in os.listdir(args.images)):
+    if not image_names_in(args.images):
         return f"--images {args.images}: no .jpg, .jpeg or .png files"
-    missing = [s for s in eval_pope.SPLITS if not any(n.endswith(f"_pope_{s}.json") for n in os.listdir(args.pope))]
+    missing = [s for s in eval_pope.SPLITS if s not in pope_files_in(args.pope)]
     if missing:
         return f"--pope {args.pope}: no *_pope_{missing[0]}.json (POPE's three files are needed: {eval_pope.SPLITS})"
     return None
@@ -336,10 +347,8 @@ def main(argv=None):
         from PIL import Image
 
         model_path, image_dir = config.model, config.pope_images
-        pope_files = {s: os.path.join(config.pope, n) for s in eval_pope.SPLITS  # the table's order on every path
-                      for n in sorted(os.listdir(config.pope)) if n.endswith(f"_pope_{s}.json")}
-        names = sorted(n for n in os.listdir(config.images) if n.lower().endswith((".jpg", ".jpeg", ".png")))
-        unlabeled = [Image.open(os.path.join(config.images, n)).convert("RGB") for n in names]
+        pope_files = pope_files_in(config.pope)
+        unlabeled = [Image.open(os.path.join(config.images, n)).convert("RGB") for n in image_names_in(config.images)]
         object_names = (open(config.objects).read().split("\n") if config.objects else list(COCO_OBJECTS))
         object_names = [n.strip() for n in object_names if n.strip()]
         description = "Describe this image in detail."
