@@ -12,6 +12,7 @@ afterwards leaves a plain model with zero inference overhead.
 Not from the paper (ours): targets q_proj and v_proj of every decoder layer, rank 8, alpha_r 16;
 the adapter's own weights are kept in float32 even when the model is bf16 (small updates to a
 zero-initialised B vanish in bf16 rounding); files are safetensors + JSON, never pickle.
+save_peft_adapter writes the same adapter in PEFT's LoRA format, for use with peft elsewhere.
 Imports: torch and the standard library only (safetensors comes with torch's ecosystem and is
 imported where it is used), so this file can be copied on its own.
 """
@@ -25,6 +26,8 @@ from torch import nn
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names; its config is also adapter_config.json,
+PEFT_CONFIG = "adapter_config.json"         # so a PEFT copy goes in a folder of its own
 
 
 class AdapterLinear(nn.Module):
@@ -180,3 +183,39 @@ def load_adapter(model, path):
                 parameter.copy_(saved)
                 trainable.append(parameter)
     return trainable
+
+
+def save_peft_adapter(model, path, base_model_name_or_path=None):
+    """Write the adapter in PEFT's LoRA format, importing nothing from peft, so that
+    `peft.PeftModel.from_pretrained(base_model, path)` rebuilds this very student and its
+    `merge_and_unload()` is merge_adapter's model. Returns the path.
+
+    PEFT's LoRA computes the same update, W x + (lora_alpha / r) lora_B lora_A x with lora_A of shape
+    (r, d_in) and lora_B (d_out, r): A and B are copied as they are, under PEFT's key names
+    base_model.model.<module>.lora_A.weight / .lora_B.weight. target_modules lists the exact module
+    names (language-model layers only): PEFT matches a list entry by name or dotted suffix, so the
+    vision tower's q_proj / v_proj are never touched.
+    """
+    from safetensors.torch import save_file
+
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("model has no adapter to save")
+    settings = model._adapter_settings
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.A.detach().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.B.detach().contiguous().cpu()
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "r": settings["rank"], "lora_alpha": settings["alpha_r"], "target_modules": sorted(layers),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+    }
+    save_file(tensors, os.path.join(path, PEFT_WEIGHTS + ".tmp"), metadata={"format": "pt"})
+    with open(os.path.join(path, PEFT_CONFIG + ".tmp"), "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(os.path.join(path, PEFT_WEIGHTS + ".tmp"), os.path.join(path, PEFT_WEIGHTS))
+    os.replace(os.path.join(path, PEFT_CONFIG + ".tmp"), os.path.join(path, PEFT_CONFIG))
+    return path

@@ -8,6 +8,8 @@ so each can be copied without the other.
 Ours: one generator per question for the distortion and the sampling noise (answers never depend
 on the batch), image placeholders suppressed, prompts through the processor's own chat template.
 """
+import os
+
 import torch
 
 import purge
@@ -118,6 +120,24 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
     return generated
 
 
+def open_image(image):
+    """An RGB PIL image from a file path (read now, the file closed after) or from a PIL image.
+
+    Runs over many photos carry paths and read pixels only when a batch needs them: 83k COCO images
+    as PIL images would be tens of GB of memory, as paths a few MB. A file that cannot be read is an
+    error naming it.
+    """
+    if not isinstance(image, (str, os.PathLike)):
+        return image.convert("RGB")
+    from PIL import Image
+
+    try:
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{image}: cannot read the image ({error})") from None
+
+
 def chat_prompt(processor, text):
     """The processor's own chat template around one image and one question: the real models' path."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
@@ -125,7 +145,9 @@ def chat_prompt(processor, text):
 
 
 def prompt_batch(processor, images, texts, device="cpu"):
-    """One image + one question per row, through the chat template, left-padded for generation."""
+    """One image (a path or a PIL image) + one question per row, through the chat template, left-padded
+    for generation."""
+    images = [open_image(image) for image in images]
     prompts = [chat_prompt(processor, text) for text in texts]
     # Left padding, since generation appends on the right; set for this call, the tokenizer is left as it was.
     return processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left").to(device)

@@ -175,7 +175,7 @@ def resume_answers(path):
         with open(path, "r+b") as f:
             f.truncate(keep)
         print(f"{path}: cut a torn last line ({len(data) - keep} bytes, no newline): a crash mid-write; "
-              f"that answer is made again", file=sys.stderr)
+              f"that line is made again", file=sys.stderr)
     return read_answers(path)
 
 

@@ -55,25 +55,46 @@ def response_logits(model, input_ids, attention_mask, features, response_mask):
     return model.get_output_embeddings()(hidden[:, :-1][predicts_response])  # (N, V)
 
 
+def transformers_model(model):
+    """The transformers model itself: under a PEFT wrapper (peft.PeftModel) its get_base_model().
+
+    A PeftModel forwards attribute lookups to the model it wraps, but `.model` on it is the whole
+    LlavaForConditionalGeneration, not the decoder stack `response_logits` runs; unwrapping once
+    keeps every access below the same for both kinds of adapter (PEFT's LoRA layers stay in place).
+    """
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def teacher_mode(model):
+    """The context in which `model` is the teacher, the base weights with the adapter off (METHOD.md 4):
+    PEFT's own disable_adapter() for a peft.PeftModel, adapter.adapter_disabled for this project's."""
+    if hasattr(model, "get_base_model") and hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    return adapter.adapter_disabled(model)
+
+
 def seed_step(model, batch, divergence="reverse", alpha=purge.ALPHA, beta=purge.BETA, noise_step=purge.NOISE_STEP,
               generator=None, void_eps=1e-8):
     """One SEED step: teacher on clean and distorted images (adapter off, no grad), purify, student, KL.
 
-    divergence: "reverse" (SEED's mode-seeking KL) or "forward" (classic distillation). void_eps: the
-    reverse KL's floor on void probabilities (losses.reverse_kl's eps; train.py trains at 1e-4).
+    model: a transformers LVLM with this project's adapter (adapter.add_adapter) or wrapped by
+    peft.get_peft_model; the teacher is the same model with its adapter off. divergence: "reverse"
+    (SEED's mode-seeking KL) or "forward" (classic distillation). void_eps: the reverse KL's floor on
+    void probabilities (losses.reverse_kl's eps; train.py trains at 1e-4).
     Returns (loss, purified teacher logits, student logits); call loss.backward() yourself.
     """
     input_ids, attention_mask, response_mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    net = transformers_model(model)
     with torch.no_grad():
-        clean = image_features(model, batch["pixel_values"])
-        distorted = image_features(model, purge.distort(batch["pixel_values"], noise_step, generator))
-        with adapter.adapter_disabled(model):
-            z = response_logits(model, input_ids, attention_mask, features=clean, response_mask=response_mask)
-            z_distorted = response_logits(model, input_ids, attention_mask, features=distorted,
+        clean = image_features(net, batch["pixel_values"])
+        distorted = image_features(net, purge.distort(batch["pixel_values"], noise_step, generator))
+        with teacher_mode(model):
+            z = response_logits(net, input_ids, attention_mask, features=clean, response_mask=response_mask)
+            z_distorted = response_logits(net, input_ids, attention_mask, features=distorted,
                                           response_mask=response_mask)
         teacher = purge.purify(z, z_distorted, alpha, beta)  # pt = softmax(teacher), voids at -inf
         del z, z_distorted, distorted
-    student = response_logits(model, input_ids, attention_mask, features=clean, response_mask=response_mask)
+    student = response_logits(net, input_ids, attention_mask, features=clean, response_mask=response_mask)
     if divergence == "reverse":
         return losses.reverse_kl(student, teacher, eps=void_eps), teacher, student
     return losses.forward_kl(student, teacher), teacher, student
@@ -110,21 +131,50 @@ def mentioned_objects(text, object_names):
 
 
 def purified_answers(model, processor, images, prompts, batch_size, max_new_tokens, seed, alpha, beta, noise_step,
-                     progress, desc):
-    """Greedy decoding on purify(clean, distorted) at every token: the teacher's answers, no labels read."""
+                     progress, desc, kind="answer", done=(), path=None):
+    """Greedy decoding on purify(clean, distorted) at every token: the teacher's answers, no labels read.
+
+    prompts: [(image index, text)]. done: records of these prompts already made (from `path`, by a run
+    that stopped); decoding continues after them. path: a JSON-lines file each new answer is appended
+    to as {"kind", "image", "prompt", "response"}, fsynced after every batch. Prompt i's noise comes
+    from seeded_generator(seed, i) whatever batch it falls in, so a resumed run gives the same answers.
+    """
     from tqdm import tqdm
 
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
     responses = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
-        chunk = prompts[start:start + batch_size]
-        inputs = decode.prompt_batch(processor, [images[i] for i, _ in chunk], [text for _, text in chunk], device)
-        generators = [decode.seeded_generator(seed, start + j) for j in range(len(chunk))]
-        responses += decode.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
-                                     alpha=alpha, beta=beta, noise_step=noise_step, eos_token_id=tokenizer.eos_token_id,
-                                     suppress_token_ids=decode.placeholder_token_ids(model, processor))
+    for record, (index, text) in zip(done, prompts):  # made before a stop: they must be these very prompts
+        if (record.get("kind"), record.get("image"), record.get("prompt")) != (kind, index, text):
+            raise ValueError(f"{path}: record {record['_record']} is {record.get('kind')} {record.get('prompt')!r} on "
+                             f"image {record.get('image')}, but this run's is {kind} {text!r} on image {index}: the file "
+                             f"was made with other images or settings (delete it, or run without --resume)")
+        responses.append(record["response"])
+    out = open(path, "a") if path else None
+    try:
+        for start in tqdm(range(len(responses), len(prompts), batch_size), desc=desc, disable=not progress):
+            chunk = prompts[start:start + batch_size]
+            inputs = decode.prompt_batch(processor, [images[i] for i, _ in chunk], [text for _, text in chunk], device)
+            generators = [decode.seeded_generator(seed, start + j) for j in range(len(chunk))]
+            made = decode.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
+                                   alpha=alpha, beta=beta, noise_step=noise_step, eos_token_id=tokenizer.eos_token_id,
+                                   suppress_token_ids=decode.placeholder_token_ids(model, processor))
+            if out is not None:
+                out.write("".join(json.dumps({"kind": kind, "image": i, "prompt": text, "response": r}) + "\n"
+                                  for (i, text), r in zip(chunk, made)))
+                out.flush()
+                os.fsync(out.fileno())  # a crash after this point loses nothing of this batch
+            responses += made
+    finally:
+        if out is not None:
+            out.close()
     return responses
+
+
+def read_examples_log(path):
+    """The records a stopped make_examples left in `path` (a torn last line cut), each with its number."""
+    records = eval_pope.resume_answers(path)
+    return [{**record, "_record": n} for n, record in enumerate(records, 1)]
 
 
 def choose_probes(named, object_names, probes_per_image, rng):
@@ -159,34 +209,42 @@ def choose_probes(named, object_names, probes_per_image, rng):
 
 def make_examples(model, processor, images, object_names, probes_per_image=6, description="Describe the image.",
                   batch_size=32, max_new_tokens=24, seed=0, alpha=purge.ALPHA, beta=purge.BETA,
-                  noise_step=purge.NOISE_STEP, progress=True):
+                  noise_step=purge.NOISE_STEP, progress=True, path=None):
     """Prompts on unlabeled images, answered by the model itself with purified greedy decoding.
 
-    Each image gets one description prompt and `probes_per_image` yes/no probes chosen by
-    `choose_probes` from what the descriptions name. Returns [{"image": index, "prompt": text,
+    images: file paths or PIL images (read a batch at a time). Each image gets one description prompt
+    and `probes_per_image` yes/no probes chosen by `choose_probes` from what the descriptions name.
+    path: a JSON-lines log of the answers as they are made (appended, fsynced per batch); the answers
+    already in it are kept and decoding continues after them, so a run stopped mid-way and started
+    again makes the same examples as one that never stopped. Returns [{"image": index, "prompt": text,
     "response": ids}].
     """
     rng = random.Random(seed)
     eos = processor.tokenizer.eos_token_id
+    done = read_examples_log(path) if path else []
     described = [(index, description) for index in range(len(images))]
-    contrast = dict(alpha=alpha, beta=beta, noise_step=noise_step)
+    contrast = dict(alpha=alpha, beta=beta, noise_step=noise_step, path=path)
     descriptions = purified_answers(model, processor, images, described, batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens, seed=seed, progress=progress,
-                                    desc="purified descriptions", **contrast)
+                                    max_new_tokens=max_new_tokens, seed=seed, progress=progress, kind="description",
+                                    done=done[:len(described)], desc="purified descriptions", **contrast)
     examples = [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(described, descriptions)]
     named = [mentioned_objects(processor.tokenizer.decode(r, skip_special_tokens=True), object_names)
              for r in descriptions]
     chosen_by_image = choose_probes(named, object_names, probes_per_image, rng)
     probes = [(index, probe_text(name)) for index, chosen in enumerate(chosen_by_image) for name in chosen]
     answers = purified_answers(model, processor, images, probes, batch_size=batch_size, max_new_tokens=4,
-                               seed=seed + 1, progress=progress, desc="purified probe answers", **contrast)
+                               seed=seed + 1, progress=progress, kind="probe", done=done[len(described):],
+                               desc="purified probe answers", **contrast)
     examples += [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(probes, answers)]
     random.Random(seed + 2).shuffle(examples)  # mixes descriptions and probes (and the held-out tail)
     return examples
 
 
 def collate(examples, processor, images):
-    """Right-padded batch: input_ids, attention_mask, response_mask (True on response tokens), pixel_values."""
+    """Right-padded batch: input_ids, attention_mask, response_mask (True on response tokens), pixel_values.
+
+    images: file paths or PIL images; only this batch's are read.
+    """
     tokenizer = processor.tokenizer
     placeholders = set(decode.placeholder_token_ids(processor=processor))
     for e in examples:
@@ -195,7 +253,7 @@ def collate(examples, processor, images):
                              f"{sorted(placeholders & set(e['response']))}: the processor would expand it, and the "
                              f"image features would not fit the placeholders ({e['prompt']!r})")
     texts = [decode.chat_prompt(processor, e["prompt"]) for e in examples]
-    prompts = processor(images=[images[e["image"]] for e in examples], text=texts, return_tensors="pt",
+    prompts = processor(images=[decode.open_image(images[e["image"]]) for e in examples], text=texts, return_tensors="pt",
                         padding=True, padding_side="right")  # for this call only: the tokenizer is left as it was
     prompt_lengths = prompts["attention_mask"].sum(-1).tolist()
     length = max(n + len(e["response"]) for n, e in zip(prompt_lengths, examples))
@@ -259,6 +317,23 @@ def load_checkpoint(model, optimizer, path):
     return progress["round"], progress["step"]
 
 
+def save_merged(model, processor, path):
+    """The merged model as an ordinary checkpoint: save_pretrained of the model and the processor into
+    <path>, loadable anywhere with AutoModelForImageTextToText / AutoProcessor.from_pretrained.
+    Written into <path>.tmp and renamed, so a crash never leaves half a checkpoint under the name."""
+    import shutil
+
+    if adapter.adapter_layers(model):
+        raise ValueError("the model still has an adapter: adapter.merge_adapter(model) first")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
 @torch.no_grad()
 def held_out_void_mass(model, processor, images, examples, batch_size, alpha, beta, noise_step, seed):
     """Mean student probability on the purified teacher's void tokens, over held-out response positions."""
@@ -319,8 +394,12 @@ def replay_round(model, round_dir):
 
 
 def finish_round(model, optimizer, round_dir, checkpoint, round_index, summary):
-    """Save the round's adapter and summary, mark the round done in the checkpoint, merge (METHOD.md 4)."""
+    """Save the round's adapter (ours, and PEFT's format in <round_dir>/peft), its summary, mark the round
+    done in the checkpoint, merge (METHOD.md 4). Round r's adapter applies to the model merged with
+    rounds 0..r-1 (round 0's: to the base checkpoint)."""
     adapter.save_adapter(model, round_dir)
+    adapter.save_peft_adapter(model, os.path.join(round_dir, "peft"),
+                              base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None)
     with open(os.path.join(round_dir, "summary.json"), "w") as f:
         json.dump(summary, f)
     save_checkpoint(model, optimizer, checkpoint, round_index=round_index + 1, step=0)

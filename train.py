@@ -152,9 +152,25 @@ def check_config(args):
             return f"{flag} {folder}: no such folder"
     if not image_names_in(args.images):
         return f"--images {args.images}: no .jpg, .jpeg or .png files"
-    missing = [s for s in eval_pope.SPLITS if s not in pope_files_in(args.pope)]
+    pope_files = pope_files_in(args.pope)
+    missing = [s for s in eval_pope.SPLITS if s not in pope_files]
     if missing:
         return f"--pope {args.pope}: no *_pope_{missing[0]}.json (POPE's three files are needed: {eval_pope.SPLITS})"
+    test_images = set()
+    for path in pope_files.values():
+        try:
+            questions = eval_pope.load_questions(path)
+        except ValueError as error:  # already names the file and the line
+            return str(error)
+        absent = [q for q in questions if not os.path.isfile(os.path.join(args.pope_images, q["image"]))]
+        if absent:
+            return (f"{path}:{absent[0]['_line']}: image {absent[0]['image']} is not in --pope-images "
+                    f"{args.pope_images} ({len(absent)} of the file's questions lack their image)")
+        test_images |= {q["image"] for q in questions}
+    overlap = sorted(test_images & set(image_names_in(args.images)))
+    if overlap:  # SEED would train on the very photos POPE tests on
+        return (f"--images {args.images}: {len(overlap)} of its files are POPE test images ({overlap[0]}, ...): "
+                f"SEED would train on the test set; take them out of --images")
     return None
 
 
@@ -183,8 +199,12 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
             continue
         # Identify, isolate, purge: the model's own purified answers on unlabeled images (no labels read)
         model.eval()  # no dropout: teacher and student differ by the adapter alone
+        examples_log = os.path.join(round_dir, "examples.jsonl")  # appended as made: --resume continues it
+        if not config.resume and os.path.exists(examples_log):
+            os.remove(examples_log)  # a fresh run makes its own
+        os.makedirs(round_dir, exist_ok=True)
         with autocast:
-            examples = seed.make_examples(model, processor, images, object_names,
+            examples = seed.make_examples(model, processor, images, object_names, path=examples_log,
                                           probes_per_image=config.probes_per_image, description=description,
                                           batch_size=config.batch_size, max_new_tokens=config.description_tokens,
                                           seed=config.seed + round_index, progress=config.progress, **contrast)
@@ -344,11 +364,10 @@ def main(argv=None):
         description = toyworld.DESCRIBE
         caption_set = (image_dir, objects_by_image, object_names)
     else:
-        from PIL import Image
-
         model_path, image_dir = config.model, config.pope_images
         pope_files = pope_files_in(config.pope)
-        unlabeled = [Image.open(os.path.join(config.images, n)).convert("RGB") for n in image_names_in(config.images)]
+        # Paths, not pixels: each batch reads its own images (83k COCO photos as PIL images would be tens of GB)
+        unlabeled = [os.path.join(config.images, n) for n in image_names_in(config.images)]
         object_names = (open(config.objects).read().split("\n") if config.objects else list(COCO_OBJECTS))
         object_names = [n.strip() for n in object_names if n.strip()]
         description = "Describe this image in detail."
@@ -406,6 +425,8 @@ def main(argv=None):
         model, history = self_evolve(model, processor, unlabeled, object_names,
                                      out_dir=os.path.join(config.out, method), config=config, divergence=divergence,
                                      description=description, autocast_dtype=autocast)
+        # The product: the merged model as an ordinary checkpoint (the adapters, ours and PEFT's, are in round<r>/)
+        seed.save_merged(model, processor, os.path.join(config.out, method, "merged"))
         measure(method, model, processor)
         results[method]["void_mass"] = [h["void_mass"] for h in history]
         results[method]["void_mass_at_start"] = [h["void_mass_at_start"] for h in history]

@@ -155,8 +155,10 @@ def real_run_flags(tmp_path):
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "model" / "processor_config.json").write_text("{}")
     (tmp_path / "images" / "a.jpg").write_bytes(b"")
+    (tmp_path / "val" / "v.jpg").write_bytes(b"")
     for split in ("random", "popular", "adversarial"):
-        (tmp_path / "pope" / f"coco_pope_{split}.json").write_text("")
+        (tmp_path / "pope" / f"coco_pope_{split}.json").write_text(
+            '{"question_id": 1, "image": "v.jpg", "text": "Is there a cat in the image?", "label": "yes"}\n')
     return ["--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"), "--pope", str(tmp_path / "pope"),
             "--pope-images", str(tmp_path / "val")]
 
@@ -193,6 +195,11 @@ def test_bad_flags_are_refused_in_one_line_before_any_work(flags, message, capsy
     (lambda t: (t / "model" / "processor_config.json").unlink(), "no processor in the folder"),
     (lambda t: (t / "pope" / "coco_pope_popular.json").unlink(), "no *_pope_popular.json"),
     (lambda t: (t / "images" / "a.jpg").unlink(), "no .jpg, .jpeg or .png files"),
+    (lambda t: (t / "val" / "v.jpg").unlink(), "coco_pope_random.json:1: image v.jpg is not in --pope-images"),
+    (lambda t: (t / "pope" / "coco_pope_popular.json").write_text('{"image": "v.jpg"}\n'),
+     "coco_pope_popular.json:1: question_id None lacks ['question_id', 'text']"),
+    (lambda t: (t / "images" / "v.jpg").write_bytes(b""), "1 of its files are POPE test images (v.jpg, ...): SEED "
+                                                          "would train on the test set"),
 ])
 def test_a_real_runs_paths_are_checked_before_any_work(tmp_path, capsys, break_it, message):
     import train
