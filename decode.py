@@ -51,20 +51,60 @@ def placeholder_token_ids(model=None, processor=None):
     return sorted(i for i in ids if i is not None)
 
 
-def distort_per_question(pixel_values, input_ids, image_token_id, noise_step, generators):
-    """Each question's images (all of its tiles) distorted with that question's own generator.
+def distort_images(model, pixel_values, noise_step, generator=None):
+    """purge.distort on a batch's image tensor, in the layout the model's family gives it.
 
-    InternVL cuts an image into 1..12 tiles, so pixel_values has one row per tile, not per question;
-    a question's share of the rows follows its share of the image placeholders. Noise drawn per
-    question keeps each answer independent of the batch it was answered in.
+    LLaVA and InternVL: images (or tiles) as (n, 3, H, W), distorted as they are. Qwen2-VL: each
+    image flattened into rows of patches, every row holding `temporal_patch_size` copies of the same
+    frame (a still image is a video of repeated frames); the noise is drawn for one frame and shared
+    by its copies, as if the one image had been distorted before the processor copied it.
     """
-    placeholders = (input_ids == image_token_id).sum(-1).tolist()  # per question
-    per_tile = sum(placeholders) // pixel_values.shape[0]  # placeholders per tile (LLaVA: one tile per image)
-    if per_tile == 0 or per_tile * pixel_values.shape[0] != sum(placeholders):
-        raise ValueError(f"{sum(placeholders)} image placeholders do not split evenly over {pixel_values.shape[0]} "
-                         f"image tiles")
-    tiles = torch.split(pixel_values, [n // per_tile for n in placeholders])
-    return torch.cat([purge.distort(t, noise_step, g) for t, g in zip(tiles, generators)])
+    frames = getattr(getattr(model.config, "vision_config", None), "temporal_patch_size", 1) or 1
+    if pixel_values.dim() != 2 or frames == 1:
+        return purge.distort(pixel_values, noise_step, generator)
+    rows, width = pixel_values.shape  # a row is (channels, frames, patch, patch), flattened
+    channels = getattr(model.config.vision_config, "in_channels", 3)
+    per_frame = pixel_values.view(rows, channels, frames, width // (channels * frames))
+    one_frame = purge.distort(per_frame[:, :, :1], noise_step, generator)
+    return one_frame.expand_as(per_frame).reshape(rows, width)
+
+
+def distort_per_question(model, pixel_values, input_ids, noise_step, generators):
+    """Each question's images (all of its tiles or patches) distorted with that question's own generator.
+
+    pixel_values has rows per tile (InternVL cuts an image into 1..12), per image (LLaVA) or per
+    patch (Qwen2-VL), not per question; a question's share of the rows follows its share of the
+    image placeholders. Noise drawn per question keeps each answer independent of the batch it was
+    answered in.
+    """
+    placeholders = (input_ids == model.config.image_token_id).sum(-1).tolist()  # per question
+    rows, total = pixel_values.shape[0], sum(placeholders)
+    shares = [n * rows // total if total else 0 for n in placeholders]
+    if total == 0 or sum(shares) != rows or any(n * rows % total for n in placeholders):
+        raise ValueError(f"{total} image placeholders do not split evenly over {rows} rows of pixel values")
+    parts = torch.split(pixel_values, shares)
+    return torch.cat([distort_images(model, part, noise_step, g) for part, g in zip(parts, generators)])
+
+
+def position_ids(model, input_ids, attention_mask, image_grid_thw=None):
+    """The positions of a padded batch, as the model's family reads them.
+
+    Most families: 1-D positions counted over the attended tokens (left padding does not shift
+    them). Qwen2-VL / Qwen2.5-VL (M-RoPE): image tokens have (time, height, width) positions from the
+    image grid and the text after an image continues from their maximum; the model's own
+    get_rope_index computes them, and they are stacked under the 1-D positions as the model's
+    generate does: (4, batch, length), row 0 for the attention mask, rows 1-3 for the rotary embedding.
+    Passing such positions explicitly is what keeps the decoding loop right: without them the
+    model would infer positions from state it keeps between calls (rope_deltas).
+    """
+    text = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    inner = getattr(model, "model", None)
+    if image_grid_thw is None or not hasattr(inner, "get_rope_index"):
+        return text
+    token_types = (input_ids == model.config.image_token_id).long()  # 1 on image tokens, 0 on text
+    mrope, _ = inner.get_rope_index(input_ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw,
+                                    attention_mask=attention_mask)
+    return torch.cat([text[None], mrope.to(text.device)], dim=0)
 
 
 @torch.no_grad()
@@ -81,19 +121,18 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
     if (sample or contrast) and generators is None:
         generators = [seeded_generator(0, i) for i in range(batch)]
     attention_mask = inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+    # image_sizes (LLaVA-NeXT), image_grid_thw (Qwen2-VL); Qwen's token types are rebuilt by position_ids
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values",
+                                                           "mm_token_type_ids")}
     pixel_values = inputs["pixel_values"].to(model.dtype)
     streams = [pixel_values]
     if contrast:
-        # the image placeholder itself, as seed.response_logits reads it (not the first of the sorted
-        # placeholder ids, which could be a video token's)
-        streams.append(distort_per_question(pixel_values, inputs["input_ids"],
-                                            image_token_id=model.config.image_token_id, noise_step=noise_step,
+        streams.append(distort_per_question(model, pixel_values, inputs["input_ids"], noise_step=noise_step,
                                             generators=generators))
     suppressed = torch.tensor(placeholder_token_ids(model) + list(suppress_token_ids), dtype=torch.long,
                               device=attention_mask.device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    outputs = [model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=position_ids,
+    positions = position_ids(model, inputs["input_ids"], attention_mask, inputs.get("image_grid_thw"))
+    outputs = [model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=positions,
                      pixel_values=pixels, use_cache=True, **extra) for pixels in streams]
     finished = torch.zeros(batch, dtype=torch.bool, device=attention_mask.device)
     tokens = []
@@ -111,8 +150,8 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
         if bool(finished.all()):
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
-        position_ids = position_ids[:, -1:] + 1
-        outputs = [model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+        positions = positions[..., -1:] + 1  # every row of M-RoPE's too: text after the image advances all three
+        outputs = [model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
                          cache=out.cache, use_cache=True) for out in outputs]
     generated = torch.stack(tokens, dim=1).tolist()
     if eos_token_id is not None:  # cut each row at its first end-of-sequence token

@@ -63,7 +63,7 @@ def results_chart(rows, splits, void_mass, path):
         draw.text((8, py(tick) - 7), f"{tick}", fill=(90, 90, 90), font=_font(11))
         draw.line([40, py(tick), 50 + 140 * len(groups) - 30, py(tick)], fill=(225, 225, 225))
     # void mass: its own small panel, on its own scale
-    x0, most = 50 + 140 * len(groups) + 10, max(void_mass.values())
+    x0, most = 50 + 140 * len(groups) + 10, max(max(void_mass.values(), default=0), 1e-9)  # all zero: flat bars
     for i, (method, mass) in enumerate(void_mass.items()):
         y = bottom - mass / most * (bottom - top - 40)
         draw.rectangle([x0 + i * 40, y, x0 + i * 40 + 30, bottom], fill=COLOURS[method])

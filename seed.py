@@ -33,24 +33,32 @@ import purge
 # ---------------------------------------------------------------------------------------------
 # Passes that share the vision features
 
-def image_features(model, pixel_values):
-    """Projected vision features, one row per image token: (n_image_tokens_in_batch, hidden)."""
-    output = model.get_image_features(pixel_values=pixel_values)
+def image_features(model, pixel_values, image_grid_thw=None):
+    """Projected vision features, one row per image token: (n_image_tokens_in_batch, hidden).
+
+    image_grid_thw: Qwen2-VL's (time, height, width) patch grid per image, which its vision tower
+    needs to read the flattened patches; None for LLaVA and InternVL.
+    """
+    grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
+    output = model.get_image_features(pixel_values=pixel_values, **grid)
     features = getattr(output, "pooler_output", output)
-    if isinstance(features, (list, tuple)):  # LLaVA returns one tensor per image, InternVL one tensor
+    if isinstance(features, (list, tuple)):  # LLaVA and Qwen2-VL return one tensor per image, InternVL one tensor
         features = torch.cat(list(features), dim=0)
     return features.reshape(-1, features.shape[-1])
 
 
-def response_logits(model, input_ids, attention_mask, features, response_mask):
+def response_logits(model, input_ids, attention_mask, features, response_mask, image_grid_thw=None):
     """Logits only at the positions that predict a response token: (n_response_tokens, vocab).
 
-    The image placeholders are filled with precomputed `features`, so the vision tower is not rerun.
+    The image placeholders are filled with precomputed `features`, so the vision tower is not rerun;
+    the positions are the family's own (decode.position_ids: 1-D, or Qwen2-VL's M-RoPE from the grid).
     """
     embeddings = model.get_input_embeddings()(input_ids)
     placeholders = (input_ids == model.config.image_token_id).unsqueeze(-1)
     embeddings = embeddings.masked_scatter(placeholders, features.to(embeddings.dtype))
-    hidden = model.model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+    positions = decode.position_ids(model, input_ids, attention_mask, image_grid_thw)
+    hidden = model.model(inputs_embeds=embeddings, attention_mask=attention_mask,
+                         position_ids=positions).last_hidden_state  # (B, L, H)
     predicts_response = response_mask[:, 1:]  # position t predicts token t + 1
     return model.get_output_embeddings()(hidden[:, :-1][predicts_response])  # (N, V)
 
@@ -84,17 +92,17 @@ def seed_step(model, batch, divergence="reverse", alpha=purge.ALPHA, beta=purge.
     Returns (loss, purified teacher logits, student logits); call loss.backward() yourself.
     """
     input_ids, attention_mask, response_mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    grid = batch.get("image_grid_thw")  # Qwen2-VL only
     net = transformers_model(model)
     with torch.no_grad():
-        clean = image_features(net, batch["pixel_values"])
-        distorted = image_features(net, purge.distort(batch["pixel_values"], noise_step, generator))
+        clean = image_features(net, batch["pixel_values"], grid)
+        distorted = image_features(net, decode.distort_images(net, batch["pixel_values"], noise_step, generator), grid)
         with teacher_mode(model):
-            z = response_logits(net, input_ids, attention_mask, features=clean, response_mask=response_mask)
-            z_distorted = response_logits(net, input_ids, attention_mask, features=distorted,
-                                          response_mask=response_mask)
+            z = response_logits(net, input_ids, attention_mask, clean, response_mask, grid)
+            z_distorted = response_logits(net, input_ids, attention_mask, distorted, response_mask, grid)
         teacher = purge.purify(z, z_distorted, alpha, beta)  # pt = softmax(teacher), voids at -inf
         del z, z_distorted, distorted
-    student = response_logits(net, input_ids, attention_mask, features=clean, response_mask=response_mask)
+    student = response_logits(net, input_ids, attention_mask, clean, response_mask, grid)
     if divergence == "reverse":
         return losses.reverse_kl(student, teacher, eps=void_eps), teacher, student
     return losses.forward_kl(student, teacher), teacher, student
@@ -102,10 +110,10 @@ def seed_step(model, batch, divergence="reverse", alpha=purge.ALPHA, beta=purge.
 
 def sft_step(model, batch):
     """A plain adapter fine-tuning step on the same response tokens (the baseline bench.py compares to)."""
+    grid = batch.get("image_grid_thw")
     with torch.no_grad():
-        clean = image_features(model, batch["pixel_values"])
-    student = response_logits(model, batch["input_ids"], batch["attention_mask"], features=clean,
-                              response_mask=batch["response_mask"])
+        clean = image_features(model, batch["pixel_values"], grid)
+    student = response_logits(model, batch["input_ids"], batch["attention_mask"], clean, batch["response_mask"], grid)
     targets = batch["input_ids"][:, 1:][batch["response_mask"][:, 1:]]
     return torch.nn.functional.cross_entropy(student.float(), targets)
 
@@ -265,7 +273,9 @@ def collate(examples, processor, images):
         input_ids[i, :len(ids)] = torch.tensor(ids)
         attention_mask[i, :len(ids)] = 1
         response_mask[i, n:len(ids)] = True
-    batch = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")}
+    # pixel_values, and image_grid_thw for Qwen2-VL; its token types would have the prompts' length only
+    # (decode.position_ids rebuilds them from input_ids)
+    batch = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     batch.update(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
     return batch
 

@@ -341,6 +341,10 @@ def merged_weights(model, adapter_dirs):
 
 def main(argv=None):
     config = parse_config(argv)
+    if not config.progress:  # transformers' own bars (loading, saving weights) go quiet too
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else

@@ -155,3 +155,40 @@ def test_merging_into_bfloat16_loses_no_more_of_a_small_update_than_the_unmerged
     error = lambda y: ((y - exact_update).norm() / exact_update.norm()).item()  # noqa: E731
     assert error(merged) <= 1.05 * error(unmerged)
     assert error(unmerged) > 0.5  # bf16 rounding really does swallow much of such an update
+
+
+def moved_adapter(model, rank=4, seed=3):
+    """Attach an adapter and move B away from zero: a state where a wrong key, scale or layer shows."""
+    adapter.add_adapter(model, rank=rank, alpha_r=2.0 * rank + 3)
+    torch.manual_seed(seed)
+    for layer in adapter.adapter_layers(model).values():
+        torch.nn.init.normal_(layer.B, std=0.3)
+    return model
+
+
+def test_the_peft_format_adapter_loads_in_peft_with_equal_logits_and_merge(llava, llava_inputs, tmp_path):
+    import copy
+
+    from peft import PeftModel
+
+    base = copy.deepcopy(llava)
+    moved_adapter(llava)
+    path = adapter.save_peft_adapter(llava, str(tmp_path / "peft"))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 11.0
+    assert config["target_modules"] and all(".language_model." in t for t in config["target_modules"])
+    with torch.no_grad():
+        ours = llava(**llava_inputs).logits
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+        theirs = peft_model(**llava_inputs).logits
+        plain = base(**llava_inputs).logits
+    assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter has moved the model
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    # PEFT wrapped exactly our layers: none in the vision tower
+    lora_layers = sorted(n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    assert [n.removeprefix("base_model.model.") for n in lora_layers] == sorted(adapter.adapter_layers(llava))
+    merged_peft = peft_model.merge_and_unload()
+    adapter.merge_adapter(llava)
+    merged_ours = dict(llava.named_parameters())
+    for name, value in merged_peft.named_parameters():
+        torch.testing.assert_close(value, merged_ours[name], rtol=1e-6, atol=1e-6)

@@ -316,3 +316,94 @@ def test_the_readme_loop_runs_as_written(processor):
     exec(code.replace("range(600)", "range(2)"), namespace)
     assert not adapter.adapter_layers(model)  # merged: a plain model again
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # and it learned something
+
+
+def test_seed_step_on_a_peft_wrapped_llava(llava, processor):
+    """The README's PEFT lines: get_peft_model, then seed_step unchanged, PEFT's disable_adapter() the teacher."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    batch, _, _ = llava_batch(processor)
+    base = copy.deepcopy(llava)
+    before = {n: p.detach().clone() for n, p in llava.named_parameters()}
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                        target_modules=r".*language_model.*\.(q_proj|v_proj)")  # the decoder's only
+    model = get_peft_model(llava, config)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        loss, teacher, student = seed.seed_step(model, batch, "reverse", noise_step=600,
+                                                generator=torch.Generator().manual_seed(step))
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    moved = {n for n, p in model.named_parameters() if "lora_" in n and "lora_B" in n and p.abs().sum() > 0}
+    assert moved  # LoRA's B has left zero: the student is no longer the base
+    for name, p in model.named_parameters():  # everything that is not LoRA is as it was
+        if "lora_" not in name:
+            original = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            assert torch.equal(p, before[original]), name
+    # After the moves the teacher is still purify of the *base* model's clean and distorted logits.
+    _, teacher, student = seed.seed_step(model, batch, "reverse", noise_step=600,
+                                         generator=torch.Generator().manual_seed(9))
+    at = batch["response_mask"][:, 1:]
+    with torch.no_grad():
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        clean = base(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
+        noisy = purge.distort(batch["pixel_values"], 600, torch.Generator().manual_seed(9))
+        distorted = base(**inputs, pixel_values=noisy).logits[:, :-1][at]
+        wrapped = model(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
+    assert not torch.allclose(student, clean, atol=1e-3)
+    torch.testing.assert_close(student, wrapped, rtol=1e-5, atol=1e-5)
+    expected = purge.purify(clean, distorted)
+    assert torch.equal(torch.isinf(teacher), torch.isinf(expected))
+    torch.testing.assert_close(teacher[~torch.isinf(teacher)], expected[~torch.isinf(expected)], rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_stopped_during_example_generation_resumes_to_the_same_examples_and_adapter(processor, tmp_path,
+                                                                                         monkeypatch):
+    import decode
+    import toyworld
+
+    whole = toyworld.make_model(processor.tokenizer, seed=0)
+    small_evolve(whole, processor, str(tmp_path / "whole"))
+    real_generate, calls = decode.generate, []
+
+    def stop_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # descriptions are 2 batches of 4 (6 images): this is the first probe batch
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "generate", stop_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        small_evolve(toyworld.make_model(processor.tokenizer, seed=0), processor, str(tmp_path / "part"))
+    monkeypatch.setattr(decode, "generate", real_generate)
+    log = tmp_path / "part" / "round0" / "examples.jsonl"
+    assert [json.loads(line)["kind"] for line in log.read_text().splitlines()] == ["description"] * 6
+    with open(log, "a") as f:
+        f.write('{"kind": "probe", "ima')  # and the crash tore a line in half
+    made_again = []
+    monkeypatch.setattr(decode, "generate", lambda *a, **k: made_again.append(1) or real_generate(*a, **k))
+    resumed = toyworld.make_model(processor.tokenizer, seed=0)
+    small_evolve(resumed, processor, str(tmp_path / "part"), resume=True)
+    # The six descriptions were not decoded again: only the probes (3 batches of 4) and the void-mass passes.
+    assert log.read_text() == (tmp_path / "whole" / "round0" / "examples.jsonl").read_text()
+    assert len(made_again) == 3
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_resume_with_other_settings_is_refused_naming_the_record(llava, processor, tmp_path):
+    import shutil
+
+    import toyworld
+
+    small_evolve(llava, processor, str(tmp_path), steps=1, checkpoint_every=0)
+    shutil.rmtree(tmp_path / "checkpoint")  # as if it had stopped before its first checkpoint
+
+    with pytest.raises(ValueError, match=r"examples.jsonl: record \d+ is probe .* on image 1, but this run.s is "
+                                         r"probe .* on image 0: the file was made with other images or settings"):
+        small_evolve(toyworld.make_model(processor.tokenizer, seed=0), processor, str(tmp_path), steps=1,
+                     checkpoint_every=0, probes_per_image=3, resume=True)

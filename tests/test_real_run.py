@@ -1,0 +1,99 @@
+"""train.py --model on a local replica of llava-1.5-7b-hf (tests/replica.py): the real run's path, end to end."""
+import json
+import os
+
+import pytest
+import torch
+
+import replica
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """One smallest-budget `train.py --model` run on the replica; returns (paths, out folder, results)."""
+    import train
+
+    root = str(tmp_path_factory.mktemp("real"))
+    paths = replica.build(root, unlabeled=4, pope_images=3, questions_per_image=2)
+    out = os.path.join(root, "out")
+    flags = ["--model", paths["llava-1.5-7b-replica"], "--images", paths["train2014"], "--pope", paths["pope"],
+             "--pope-images", paths["val2014"], "--out", out, "--loss", "reverse", "--steps", "2", "--batch-size", "2",
+             "--probes-per-image", "1", "--description-tokens", "3", "--sample-seeds", "1", "--eval-batch-size", "4",
+             "--checkpoint-every", "1", "--no-progress"]
+    results = train.main(flags)
+    return paths, out, results
+
+
+def test_the_replica_is_shaped_like_llava_15_where_the_code_cares(tmp_path):
+    import decode
+
+    processor = replica.make_processor(["traffic light", "hair drier", "cat"])
+    tokenizer = processor.tokenizer
+    assert len(tokenizer(" traffic light").input_ids) > 1 and len(tokenizer(" hair drier").input_ids) > 1
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
+    vocabulary = len(tokenizer) - 2  # <pad> and <image> come after it, as 32000 / 32001 in the real one
+    assert {tokenizer.pad_token_id, processor.image_token_id} == {vocabulary, vocabulary + 1}
+    from PIL import Image
+
+    batch = decode.prompt_batch(processor, [Image.new("RGB", (640, 480))], ["Is there a cat in the image?"])
+    assert batch["pixel_values"].shape == (1, 3, 336, 336)
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 576
+    text = tokenizer.decode(batch["input_ids"][0][batch["input_ids"][0] != processor.image_token_id])
+    assert text.startswith("USER: \n") and text.endswith("Is there a cat in the image? ASSISTANT:")
+
+
+def test_a_real_run_writes_results_a_merged_checkpoint_and_a_peft_adapter(real_run):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import adapter
+    import decode
+
+    paths, out, results = real_run
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert list(saved["seed_reverse"]["greedy"]) == ["random", "popular", "adversarial"]  # the table's one order
+    for method in ("base", "vcd", "seed_reverse"):
+        for decoding in ("greedy", "sample"):
+            assert all(0 <= saved[method][decoding][s]["f1"] <= 1 for s in ("random", "popular", "adversarial"))
+    examples = [json.loads(line) for line in open(os.path.join(out, "seed_reverse", "round0", "examples.jsonl"))]
+    assert [e["kind"] for e in examples] == ["description"] * 4 + ["probe"] * 4
+
+    # The merged model: an ordinary checkpoint, equal to the base plus the round's adapter, merged here.
+    merged_dir = os.path.join(out, "seed_reverse", "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
+    processor = AutoProcessor.from_pretrained(merged_dir)
+    base, _ = decode.load_model(paths["llava-1.5-7b-replica"])
+    round_dir = os.path.join(out, "seed_reverse", "round0")
+    ours, _ = decode.load_model(paths["llava-1.5-7b-replica"])
+    adapter.load_adapter(ours, round_dir)
+    inputs = decode.prompt_batch(processor, [os.path.join(paths["val2014"], n) for n in sorted(os.listdir(
+        paths["val2014"]))[:2]], ["Is there a traffic light in the image?", "Describe this image in detail."])
+    with torch.no_grad():
+        unmerged = ours(**inputs).logits
+        plain = base(**inputs).logits
+        from_disk = merged(**inputs).logits
+        peft_model = PeftModel.from_pretrained(base, os.path.join(round_dir, "peft")).eval()
+        from_peft = peft_model(**inputs).logits
+    assert not torch.allclose(unmerged, plain, atol=1e-4)  # two SEED steps have moved the model
+    torch.testing.assert_close(from_disk, adapter.merge_adapter(ours)(**inputs).logits.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(from_peft, unmerged, rtol=1e-5, atol=1e-5)
+    peft_config = json.load(open(os.path.join(round_dir, "peft", "adapter_config.json")))
+    assert peft_config["base_model_name_or_path"] == paths["llava-1.5-7b-replica"]
+    assert not any("vision_tower" in t for t in peft_config["target_modules"])
+
+
+def test_a_finished_real_run_resumes_without_redoing_anything(real_run, monkeypatch):
+    import decode
+    import train
+
+    paths, out, results = real_run
+    calls = []
+    real_generate = decode.generate
+    monkeypatch.setattr(decode, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    flags = json.load(open(os.path.join(out, "results.json")))["config"]
+    again = train.main([f"--{k.replace('_', '-')}={v}" for k, v in flags.items()
+                        if v is not None and not isinstance(v, bool)] + ["--resume", "--no-progress"])
+    for method in ("base", "vcd", "seed_reverse"):  # every answer file was complete: nothing answered again
+        assert again[method]["greedy"] == results[method]["greedy"]
+    # The only decoding left: the answer-cost timing, 21 rounds of the three rows (it is measured anew)
+    assert len(calls) == 21 * 3
