@@ -98,3 +98,72 @@ def tiny_internvl_processor():
 
     return InternVLImageProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4,
                                   chat_template=template)
+
+
+def tiny_qwen_vl_processor():
+    """A Qwen2.5-VL processor (Qwen2_5_VLProcessor, which Qwen2-VL's processor equals in what is used here)
+    with Qwen2-VL's real image processor (Qwen2VLImageProcessorPil: an image resized to a multiple of
+    patch x merge pixels and flattened into rows of patches, two temporal copies per row, its grid in
+    image_grid_thw), 8-pixel patches instead of 14, and a word-level tokenizer carrying Qwen's special
+    tokens. Built from the image processor and the tokenizer alone, as tiny_internvl_processor is,
+    because the video processor it insists on needs torchvision (see there).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + toyworld.WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<|endoftext|>", unk_token="<unk>", eos_token="<|im_end|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    image_processor = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                               size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64})
+    template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
+                "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+                "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen's, for one image
+
+    class QwenVLImageProcessor(Qwen2_5_VLProcessor):
+        @classmethod
+        def get_attributes(cls):
+            return ["image_processor", "tokenizer"]
+
+    return QwenVLImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+
+def tiny_qwen_vl(processor, family="qwen2_5_vl"):
+    """A tiny Qwen2_5_VLForConditionalGeneration (or Qwen2VLForConditionalGeneration) from a config."""
+    import transformers
+
+    tokenizer = processor.tokenizer
+    text = dict(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]})
+    ids = dict(image_token_id=processor.image_token_id, video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    if family == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=16, out_hidden_size=48, fullatt_block_indexes=[1])
+        config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+        model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = dict(depth=2, embed_dim=32, hidden_size=48, mlp_ratio=2, num_heads=2, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+        model_class = transformers.Qwen2VLForConditionalGeneration
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():  # sharper than the default init (std 0.02), whose logits are so flat that a wrong
+        for weight in model.parameters():  # position never flips a greedy token; at 0.1 it does
+            if weight.dim() == 2:
+                weight.normal_(0, 0.1)
+    return model
