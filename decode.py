@@ -77,13 +77,19 @@ def distort_per_question(model, pixel_values, input_ids, noise_step, generators)
     image placeholders. Noise drawn per question keeps each answer independent of the batch it was
     answered in.
     """
-    placeholders = (input_ids == model.config.image_token_id).sum(-1).tolist()  # per question
+    parts = torch.split(pixel_values, pixel_rows_per_question(model, pixel_values, input_ids))
+    return torch.cat([distort_images(model, part, noise_step, g) for part, g in zip(parts, generators)])
+
+
+def pixel_rows_per_question(model, pixel_values, input_ids):
+    """How many rows of pixel_values belong to each question (row of input_ids): its share of the
+    image placeholders. One per question for LLaVA, its tiles for InternVL, its patches for Qwen2-VL."""
+    placeholders = (input_ids == model.config.image_token_id).sum(-1).tolist()
     rows, total = pixel_values.shape[0], sum(placeholders)
     shares = [n * rows // total if total else 0 for n in placeholders]
     if total == 0 or sum(shares) != rows or any(n * rows % total for n in placeholders):
         raise ValueError(f"{total} image placeholders do not split evenly over {rows} rows of pixel values")
-    parts = torch.split(pixel_values, shares)
-    return torch.cat([distort_images(model, part, noise_step, g) for part, g in zip(parts, generators)])
+    return shares
 
 
 def position_ids(model, input_ids, attention_mask, image_grid_thw=None):

@@ -17,6 +17,7 @@ Not from the paper: the scorer's rule is the official one, quirks included; ever
 (batching, resuming, error messages) is ours.
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from collections import Counter
 import torch
 
 import decode
+import distributed
 import purge
 
 PROMPT_SUFFIX = " Please answer this question with one word."
@@ -213,34 +215,44 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {sorted(DECODINGS)}, got {decoding!r}")
     questions = load_questions(question_file)
-    answers = resume_answers(out_path)
+    # Under torchrun process 0 reads the file (cutting a torn last line) and writes it; every process
+    # decodes a batch of each chunk of batch_size x processes questions, gathered in order.
+    main = distributed.is_main()
+    answers = distributed.broadcast(resume_answers(out_path) if main else None)
     done = {a["question_id"] for a in answers}
     todo = [q for q in questions if q["question_id"] not in done]
     device = next(model.parameters()).device
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"POPE {decoding}",
                disable=not progress)
-    with open(out_path, "a") as out:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            images = [_open_image(os.path.join(image_dir, q["image"]), question_file, q) for q in chunk]
-            prompts = [q["text"] + PROMPT_SUFFIX for q in chunk]
-            inputs = decode.prompt_batch(processor, images, prompts, device)
-            generators = [decode.seeded_generator(seed, int(q["question_id"])) for q in chunk]
-            ids = decode.generate(model, inputs, max_new_tokens, generators=generators,
-                                  eos_token_id=processor.tokenizer.eos_token_id,
-                                  suppress_token_ids=decode.placeholder_token_ids(model, processor),
-                                  **DECODINGS[decoding], **decode_options)
-            for q, prompt, row in zip(chunk, prompts, ids):
-                record = {"question_id": q["question_id"], "prompt": prompt,
-                          "text": processor.tokenizer.decode(row, skip_special_tokens=True).strip(),
-                          "label": q.get("label")}
-                out.write(json.dumps(record) + "\n")
-                answers.append(record)
-            out.flush()
-            os.fsync(out.fileno())  # a crash or Ctrl-C after this point loses nothing of this batch
+    chunk_size = batch_size * distributed.world_size()
+    with open(out_path, "a") if main else contextlib.nullcontext() as out:
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start:start + chunk_size]
+            first, stop = distributed.share(len(chunk), batch_size)
+            records = []
+            if first < stop:
+                mine = chunk[first:stop]
+                images = [_open_image(os.path.join(image_dir, q["image"]), question_file, q) for q in mine]
+                prompts = [q["text"] + PROMPT_SUFFIX for q in mine]
+                inputs = decode.prompt_batch(processor, images, prompts, device)
+                generators = [decode.seeded_generator(seed, int(q["question_id"])) for q in mine]
+                ids = decode.generate(model, inputs, max_new_tokens, generators=generators,
+                                      eos_token_id=processor.tokenizer.eos_token_id,
+                                      suppress_token_ids=decode.placeholder_token_ids(model, processor),
+                                      **DECODINGS[decoding], **decode_options)
+                records = [{"question_id": q["question_id"], "prompt": prompt,
+                            "text": processor.tokenizer.decode(row, skip_special_tokens=True).strip(),
+                            "label": q.get("label")} for q, prompt, row in zip(mine, prompts, ids)]
+            records = distributed.gather(records)
+            answers += records
+            if main:
+                out.write("".join(json.dumps(record) + "\n" for record in records))
+                out.flush()
+                os.fsync(out.fileno())  # a crash or Ctrl-C after this point loses nothing of this batch
             bar.update(len(chunk))
     bar.close()
+    distributed.barrier()  # the file is complete before any process scores it
     return answers
 
 

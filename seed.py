@@ -26,6 +26,7 @@ import torch
 
 import adapter
 import decode
+import distributed
 import eval_pope
 import losses
 import purge
@@ -96,12 +97,15 @@ def seed_step(model, batch, divergence="reverse", alpha=purge.ALPHA, beta=purge.
     net = transformers_model(model)
     with torch.no_grad():
         clean = image_features(net, batch["pixel_values"], grid)
-        distorted = image_features(net, decode.distort_images(net, batch["pixel_values"], noise_step, generator), grid)
+        noisy = batch.get("distorted_pixel_values")  # drawn beforehand when a batch is split (process_rows)
+        if noisy is None:
+            noisy = decode.distort_images(net, batch["pixel_values"], noise_step, generator)
+        distorted = image_features(net, noisy, grid)
         with teacher_mode(model):
             z = response_logits(net, input_ids, attention_mask, clean, response_mask, grid)
             z_distorted = response_logits(net, input_ids, attention_mask, distorted, response_mask, grid)
         teacher = purge.purify(z, z_distorted, alpha, beta)  # pt = softmax(teacher), voids at -inf
-        del z, z_distorted, distorted
+        del z, z_distorted, distorted, noisy
     student = response_logits(net, input_ids, attention_mask, clean, response_mask, grid)
     if divergence == "reverse":
         return losses.reverse_kl(student, teacher, eps=void_eps), teacher, student
@@ -158,15 +162,23 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
                              f"image {record.get('image')}, but this run's is {kind} {text!r} on image {index}: the file "
                              f"was made with other images or settings (delete it, or run without --resume)")
         responses.append(record["response"])
-    out = open(path, "a") if path else None
+    out = open(path, "a") if path and distributed.is_main() else None  # process 0 writes
+    chunk_size = batch_size * distributed.world_size()  # under torchrun each process decodes a batch of it
     try:
-        for start in tqdm(range(len(responses), len(prompts), batch_size), desc=desc, disable=not progress):
-            chunk = prompts[start:start + batch_size]
-            inputs = decode.prompt_batch(processor, [images[i] for i, _ in chunk], [text for _, text in chunk], device)
-            generators = [decode.seeded_generator(seed, start + j) for j in range(len(chunk))]
-            made = decode.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
-                                   alpha=alpha, beta=beta, noise_step=noise_step, eos_token_id=tokenizer.eos_token_id,
-                                   suppress_token_ids=decode.placeholder_token_ids(model, processor))
+        for start in tqdm(range(len(responses), len(prompts), chunk_size), desc=desc, disable=not progress):
+            chunk = prompts[start:start + chunk_size]
+            first, stop = distributed.share(len(chunk), batch_size)
+            made = []
+            if first < stop:
+                mine = chunk[first:stop]
+                inputs = decode.prompt_batch(processor, [images[i] for i, _ in mine], [text for _, text in mine],
+                                             device)
+                generators = [decode.seeded_generator(seed, start + first + j) for j in range(len(mine))]
+                made = decode.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
+                                       alpha=alpha, beta=beta, noise_step=noise_step,
+                                       eos_token_id=tokenizer.eos_token_id,
+                                       suppress_token_ids=decode.placeholder_token_ids(model, processor))
+            made = distributed.gather(made)  # the whole chunk, in order, on every process
             if out is not None:
                 out.write("".join(json.dumps({"kind": kind, "image": i, "prompt": text, "response": r}) + "\n"
                                   for (i, text), r in zip(chunk, made)))
@@ -229,7 +241,8 @@ def make_examples(model, processor, images, object_names, probes_per_image=6, de
     """
     rng = random.Random(seed)
     eos = processor.tokenizer.eos_token_id
-    done = read_examples_log(path) if path else []
+    # process 0 reads (and cuts a torn last line), every process continues from the same record
+    done = distributed.broadcast(read_examples_log(path) if distributed.is_main() else None) if path else []
     described = [(index, description) for index in range(len(images))]
     contrast = dict(alpha=alpha, beta=beta, noise_step=noise_step, path=path)
     descriptions = purified_answers(model, processor, images, described, batch_size=batch_size,
@@ -381,6 +394,28 @@ def training_batch(examples, processor, images, batch_size, seed, round_index, s
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def process_rows(model, batch, noise_step, generator):
+    """This process's rows of a global batch under torchrun, and their share of its response positions.
+
+    The distortion is drawn for the whole batch first, with the step's generator, as one process
+    draws it, and each process keeps its rows of it (distorted_pixel_values): N processes then see
+    the noise one process would. The SEED loss is a mean over response positions, so a process's
+    loss times its share, summed over the processes, is the one-process loss (and so are the
+    gradients, summed by distributed.sum_gradients).
+    """
+    rows = batch["input_ids"].shape[0]
+    per_process = -(-rows // distributed.world_size())
+    start, stop = distributed.share(rows, per_process)
+    net = transformers_model(model)
+    pixel_rows = decode.pixel_rows_per_question(net, batch["pixel_values"], batch["input_ids"])
+    first, last = sum(pixel_rows[:start]), sum(pixel_rows[:stop])
+    noisy = decode.distort_images(net, batch["pixel_values"], noise_step, generator)
+    mine = {key: value[start:stop] for key, value in batch.items() if key != "pixel_values"}
+    mine.update(pixel_values=batch["pixel_values"][first:last], distorted_pixel_values=noisy[first:last])
+    positions = batch["response_mask"][:, 1:]
+    return mine, float(positions[start:stop].sum() / positions.sum())
+
+
 def step_generator(seed, round_index, step):
     """The distortion noise of one step, seeded like its batch."""
     return decode.seeded_generator(seed, round_index * 10_007 + step)
@@ -403,14 +438,16 @@ def replay_round(model, round_dir):
         return {**json.load(f), "log": []}
 
 
-def finish_round(model, optimizer, round_dir, checkpoint, round_index, summary):
+def finish_round(model, optimizer, round_dir, checkpoint, round_index, summary, write=True):
     """Save the round's adapter (ours, and PEFT's format in <round_dir>/peft), its summary, mark the round
     done in the checkpoint, merge (METHOD.md 4). Round r's adapter applies to the model merged with
-    rounds 0..r-1 (round 0's: to the base checkpoint)."""
-    adapter.save_adapter(model, round_dir)
-    adapter.save_peft_adapter(model, os.path.join(round_dir, "peft"),
-                              base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None)
-    with open(os.path.join(round_dir, "summary.json"), "w") as f:
-        json.dump(summary, f)
-    save_checkpoint(model, optimizer, checkpoint, round_index=round_index + 1, step=0)
+    rounds 0..r-1 (round 0's: to the base checkpoint). write=False (processes other than 0 under
+    torchrun): merge only."""
+    if write:
+        adapter.save_adapter(model, round_dir)
+        adapter.save_peft_adapter(model, os.path.join(round_dir, "peft"),
+                                  base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None)
+        with open(os.path.join(round_dir, "summary.json"), "w") as f:
+            json.dump(summary, f)
+        save_checkpoint(model, optimizer, checkpoint, round_index=round_index + 1, step=0)
     adapter.merge_adapter(model)  # the merged model is the next round's teacher

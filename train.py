@@ -30,6 +30,7 @@ import torch
 
 import adapter
 import decode
+import distributed
 import eval_pope
 import losses
 import purge
@@ -87,6 +88,8 @@ class Config:
     out: str = field(default="out", metadata={"help": "where answers, adapters and results.json go"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when there is one)"})
     progress: bool = field(default=True, metadata={"help": "tqdm bars (--no-progress to silence them)"})
+    dist_timeout: int = field(default=30, metadata={"help": "under torchrun: minutes a process waits on the others "
+                                                            "before the job fails instead of hanging"})
 
 
 def parse_config(argv=None):
@@ -129,6 +132,11 @@ def check_config(args):
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}"
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
+    if args.batch_size < processes:
+        return f"--batch-size {args.batch_size} is the global batch: at least one row per process ({processes})"
+    if args.dist_timeout < 1:
+        return f"--dist-timeout must be at least 1 minute, got {args.dist_timeout}"
     if not 0 <= args.noise_step < purge.NUM_DIFFUSION_STEPS:
         return f"--noise-step must be in 0..{purge.NUM_DIFFUSION_STEPS - 1}, got {args.noise_step}"
     if args.alpha < 0 or not 0 < args.beta <= 1 or not 0 < args.void_eps < 1 or args.lr <= 0:
@@ -200,9 +208,11 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
         # Identify, isolate, purge: the model's own purified answers on unlabeled images (no labels read)
         model.eval()  # no dropout: teacher and student differ by the adapter alone
         examples_log = os.path.join(round_dir, "examples.jsonl")  # appended as made: --resume continues it
-        if not config.resume and os.path.exists(examples_log):
-            os.remove(examples_log)  # a fresh run makes its own
-        os.makedirs(round_dir, exist_ok=True)
+        if distributed.is_main():
+            os.makedirs(round_dir, exist_ok=True)
+            if not config.resume and os.path.exists(examples_log):
+                os.remove(examples_log)  # a fresh run makes its own
+        distributed.barrier()
         with autocast:
             examples = seed.make_examples(model, processor, images, object_names, path=examples_log,
                                           probes_per_image=config.probes_per_image, description=description,
@@ -227,18 +237,24 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
         for step in bar:
             batch = seed.training_batch(examples, processor, images, batch_size=config.batch_size, seed=config.seed,
                                         round_index=round_index, step=step, device=device)
+            generator = seed.step_generator(config.seed, round_index, step)
+            share = 1.0  # of the batch's response positions; under torchrun each process takes its rows
+            if distributed.world_size() > 1:
+                batch, share = seed.process_rows(model, batch, config.noise_step, generator)
             with autocast:
                 loss, teacher, student = seed.seed_step(model, batch, divergence, void_eps=config.void_eps,
-                                                        generator=seed.step_generator(config.seed, round_index, step),
-                                                        **contrast)
-            log.append({"step": step, "loss": loss.item(),
-                        "void_mass": losses.void_mass(student.detach(), teacher).item()})
+                                                        generator=generator, **contrast)
+            # the batch's mean loss and void mass: each process's share of them, summed over the processes
+            log.append({"step": step, "loss": distributed.sum_value(loss.item() * share),
+                        "void_mass": distributed.sum_value(losses.void_mass(student.detach(), teacher).item() * share)})
             del teacher, student  # only the loss's own saved tensors stay alive through the backward
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * share).backward()
+            distributed.sum_gradients(params)  # the one-process gradient of the whole batch
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
+            if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps
+                    and distributed.is_main()):
                 seed.save_checkpoint(model, optimizer, checkpoint, round_index=round_index, step=step + 1)
         with autocast:
             void_at_end = seed.held_out_void_mass(model, processor, images, held_out, batch_size=config.batch_size,
@@ -246,7 +262,8 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
         summary = {"round": round_index, "examples": len(examples), "void_mass_at_start": void_at_start,
                    "void_mass": void_at_end}
         seed.finish_round(model, optimizer, round_dir=round_dir, checkpoint=checkpoint, round_index=round_index,
-                          summary=summary)  # save, then merge
+                          summary=summary, write=distributed.is_main())  # save (process 0), then merge
+        distributed.barrier()
         history.append({**summary, "log": log})
     return model, history
 
@@ -341,14 +358,18 @@ def merged_weights(model, adapter_dirs):
 
 def main(argv=None):
     config = parse_config(argv)
+    process_device = distributed.start(config.dist_timeout)  # under torchrun: this process's GPU (or the CPU)
+    main_process = distributed.is_main()
+    config.progress = config.progress and main_process  # one set of progress bars, process 0's
+    say = print if main_process else (lambda *args, **kwargs: None)
     if not config.progress:  # transformers' own bars (loading, saving weights) go quiet too
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+    device = process_device or torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                                            "cpu" if config.device == "auto" else config.device)
     # bf16 weights and autocast on a GPU (one copy of the weights: the teacher is the adapter off);
     # float32 on the CPU, where bf16 is slow and the toy model is tiny.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -361,8 +382,12 @@ def main(argv=None):
         import toyworld
 
         world_config = toyworld.WorldConfig(world_seed=config.world_seed, steps=config.pretrain_steps)
+        if not main_process:
+            distributed.barrier()  # process 0 builds the cache first (pretraining, if the world needs it)
         model_path, world = toyworld.build(world_config, progress=config.progress, shipped=config.shipped_base)
         pope_files, image_dir, objects_by_image = toyworld.eval_set(config.eval_images, world, world_config)
+        if main_process:
+            distributed.barrier()
         unlabeled = toyworld.unlabeled_images(world, config.unlabeled, seed=config.seed + 20_000, config=world_config)
         object_names = list(world["names"])
         description = toyworld.DESCRIBE
@@ -375,12 +400,14 @@ def main(argv=None):
         object_names = (open(config.objects).read().split("\n") if config.objects else list(COCO_OBJECTS))
         object_names = [n.strip() for n in object_names if n.strip()]
         description = "Describe this image in detail."
-    print(f"device {device}, dtype {dtype}; model {model_path}; {len(unlabeled)} unlabeled images; "
-          f"POPE splits {list(pope_files)}")
+    say(f"device {device}, dtype {dtype}; model {model_path}; {len(unlabeled)} unlabeled images; "
+        f"POPE splits {list(pope_files)}; {distributed.world_size()} process(es)")
 
     results = {"config": dataclasses.asdict(config)}
 
     def save_results():
+        if not main_process:
+            return
         tmp = os.path.join(config.out, "results.json.tmp")
         with open(tmp, "w") as f:
             json.dump(results, f, indent=2)
@@ -392,8 +419,9 @@ def main(argv=None):
 
     def measure(method, model, processor, contrast=False):
         answers_dir = os.path.join(config.out, method, "answers")
-        if not config.resume:  # a fresh run starts from no answers; --resume keeps and continues them
+        if not config.resume and main_process:  # a fresh run starts from no answers; --resume continues them
             shutil.rmtree(answers_dir, ignore_errors=True)
+        distributed.barrier()
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             pope = evaluate(model, processor, pope_files, image_dir=image_dir, answers_dir=answers_dir, config=config,
                             contrast=contrast)
@@ -408,7 +436,7 @@ def main(argv=None):
     if config.model is None:  # why the contrast can work: what survives distortion is the prior
         results["diagnostic"] = toyworld.diagnose(model, processor, world, noise_step=config.noise_step,
                                                   config=world_config)
-        print(f"mean P(yes), clean -> distorted (k={config.noise_step}): " + ", ".join(
+        say(f"mean P(yes), clean -> distorted (k={config.noise_step}): " + ", ".join(
             f"{group} {d['clean']:.2f} -> {d['distorted']:.2f}" for group, d in results["diagnostic"].items()))
     measure("base", model, processor)
     if config.model is None:  # where the base model's hallucinations come from
@@ -417,7 +445,7 @@ def main(argv=None):
                 pope_files[split], os.path.join(config.out, "base", "answers", f"greedy_{split}_seed0.jsonl"),
                 objects_by_image, world)
             results["diagnostic"][f"false_positive_partner_share_{split}"] = share
-            print(f"base, greedy, {split}: {count} false positives, {share:.0%} of them partners of present objects "
+            say(f"base, greedy, {split}: {count} false positives, {share:.0%} of them partners of present objects "
                   f"(partners are {base_rate:.0%} of the negatives)")
     measure("vcd", model, processor, contrast=True)
 
@@ -430,7 +458,8 @@ def main(argv=None):
                                      out_dir=os.path.join(config.out, method), config=config, divergence=divergence,
                                      description=description, autocast_dtype=autocast)
         # The product: the merged model as an ordinary checkpoint (the adapters, ours and PEFT's, are in round<r>/)
-        seed.save_merged(model, processor, os.path.join(config.out, method, "merged"))
+        if main_process:
+            seed.save_merged(model, processor, os.path.join(config.out, method, "merged"))
         measure(method, model, processor)
         results[method]["void_mass"] = [h["void_mass"] for h in history]
         results[method]["void_mass_at_start"] = [h["void_mass_at_start"] for h in history]
@@ -438,6 +467,10 @@ def main(argv=None):
         results[method]["final_loss"] = [statistics.mean(x["loss"] for x in h["log"][-20:]) for h in history
                                          if h["log"]]
         save_results()
+
+    if not main_process:  # timing, the table and the pictures are process 0's
+        distributed.stop()
+        return results
 
     # ---- answer cost: every row on one freshly loaded copy of the weights, timed in interleaved rounds ----
     model, processor = load()
@@ -456,6 +489,7 @@ def main(argv=None):
     print(format_results(results, list(pope_files)))
     draw_pictures(results, list(pope_files), pope_files=pope_files, image_dir=image_dir, out=config.out)
     print(f"\nall numbers: {os.path.join(config.out, 'results.json')}; pictures: results.png, scenes.png")
+    distributed.stop()
     return results
 
 

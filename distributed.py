@@ -1,0 +1,116 @@
+"""Several processes under torchrun: which share of the work is this process's, and the few collectives.
+
+Not from the paper (ours): SEED's cost is decoding (the teacher's two-pass purified answers, POPE)
+and the SEED steps, so under `torchrun --nproc_per_node N train.py` each process decodes its share
+of every chunk of prompts, trains on its rows of every global batch, and the results are gathered;
+files are written by process 0 alone. Plain `python train.py` is one process and every function
+here is then a no-op (no process group is made). Built on torch.distributed only: NCCL between GPUs,
+gloo on the CPU; a collective that waits longer than the timeout fails the job instead of hanging.
+"""
+import datetime
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def start(timeout_minutes=30):
+    """Join torchrun's process group when launched by torchrun (WORLD_SIZE > 1); returns this process's device.
+
+    Each process takes the GPU of its LOCAL_RANK, or the CPU (gloo) when there is none. Without
+    torchrun nothing is started and the device is None (the caller's --device decides).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return None
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=device if cuda else None)
+    return device
+
+
+def stop():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    """Process 0: the one that prints, shows progress bars and writes files."""
+    return rank() == 0
+
+
+def barrier():
+    """Wait for every process (after process 0 has written what the others will read)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def share(count, batch_size):
+    """(start, stop) of this process's rows in a chunk of `count` items cut in slices of batch_size:
+    process r takes items [r * batch_size, (r + 1) * batch_size), so the chunks of one process are
+    batches of batch_size, and the chunk is the concatenation of the processes' slices in rank order."""
+    start = min(rank() * batch_size, count)
+    return start, min(start + batch_size, count)
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather(items):
+    """Every process's list, concatenated in rank order, on every process.
+
+    The lists travel as JSON bytes in uint8 tensors (two all_gathers: the sizes, then the padded
+    bytes), not through torch.distributed's object collectives, which pickle.
+    """
+    if not dist.is_initialized():
+        return list(items)
+    device = _device()
+    data = torch.frombuffer(bytearray(json.dumps(list(items)).encode()), dtype=torch.uint8).to(device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.long, device=device))
+    longest = max(int(size) for size in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return [item for part, size in zip(parts, sizes)
+            for item in json.loads(part[:int(size)].cpu().numpy().tobytes().decode())]
+
+
+def broadcast(value):
+    """Process 0's value (anything JSON can hold), on every process."""
+    if not dist.is_initialized():
+        return value
+    return gather([value if is_main() else None])[0]
+
+
+def sum_gradients(parameters):
+    """Sum every process's gradients of `parameters` in place, in one flat all-reduce."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def sum_value(value):
+    """A float summed over the processes."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    dist.all_reduce(tensor)
+    return tensor.item()

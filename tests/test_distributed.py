@@ -1,0 +1,71 @@
+"""torchrun: two processes (CPU, gloo) give what one process gives, with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--pretrain-steps", "15", "--steps", "4", "--unlabeled", "6", "--eval-images", "4", "--sample-seeds", "1",
+         "--batch-size", "8", "--eval-batch-size", "8", "--checkpoint-every", "2", "--loss", "reverse", "--no-progress"]
+
+
+def train(out, cache, processes, *extra):
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache), OMP_NUM_THREADS="1")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+                if processes > 1 else [sys.executable])
+    done = subprocess.run(launcher + ["train.py", *FLAGS, "--out", str(out), *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    one = train(root / "one", root / "cache", 1)
+    two = train(root / "two", root / "cache", 2)
+    return root, one, two
+
+
+def test_two_processes_give_the_adapter_examples_and_answers_of_one(runs):
+    from safetensors.torch import load_file
+
+    root, _, _ = runs
+    one, two = root / "one" / "seed_reverse", root / "two" / "seed_reverse"
+    a, b = load_file(one / "round0" / "adapter.safetensors"), load_file(two / "round0" / "adapter.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        # float rounding only: the gradients are summed over the processes in another order
+        assert float((b[name] - a[name]).norm() / a[name].norm()) <= 1e-5, name
+    assert all(float(t.abs().sum()) > 0 for n, t in a.items() if n.endswith(".B"))  # B has moved from zero
+    assert (one / "round0" / "examples.jsonl").read_bytes() == (two / "round0" / "examples.jsonl").read_bytes()
+    for method in ("base", "vcd", "seed_reverse"):
+        names = sorted(os.listdir(root / "one" / method / "answers"))
+        assert names == sorted(os.listdir(root / "two" / method / "answers")) and names
+        for name in names:  # written once, by process 0, in one process's order
+            assert ((root / "one" / method / "answers" / name).read_bytes()
+                    == (root / "two" / method / "answers" / name).read_bytes()), (method, name)
+    first, second = (json.loads((root / r / "results.json").read_text()) for r in ("one", "two"))
+    for method in ("base", "vcd", "seed_reverse"):
+        assert first[method]["greedy"] == second[method]["greedy"] and first[method]["sample"] == second[method]["sample"]
+    assert second["seed_reverse"]["final_loss"][0] == pytest.approx(first["seed_reverse"]["final_loss"][0], rel=1e-5)
+
+
+def test_only_process_zero_prints(runs):
+    _, one, two = runs
+    assert two.stdout.count("SEED reverse KL") == one.stdout.count("SEED reverse KL") == 1
+    assert "2 process(es)" in two.stdout and "1 process(es)" in one.stdout
+
+
+def test_a_resumed_two_process_run_redoes_nothing_and_ends_the_same(runs):
+    root, _, _ = runs
+    before = json.loads((root / "two" / "results.json").read_text())
+    stamps = {p: os.stat(p).st_mtime_ns for p in (root / "two" / "seed_reverse" / "round0").iterdir() if p.is_file()}
+    train(root / "two", root / "cache", 2, "--resume")
+    after = json.loads((root / "two" / "results.json").read_text())
+    for method in ("base", "vcd", "seed_reverse"):
+        assert after[method]["greedy"] == before[method]["greedy"]
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps  # the finished round was replayed, not rewritten
