@@ -15,6 +15,9 @@ sides (METHOD.md 3-6); its figures are ours, not the paper's.
 3. peak_memory_ratio: peak memory of the SEED step over the plain step (CPU: the process's peak
    resident set, each step in a fresh process; GPU: torch.cuda.max_memory_allocated). Target <= 1.3.
 4. eval_batched_speedup: POPE questions per second, batched over one question at a time.
+5. decode_throughput_ratio: tokens per second of decode.generate's greedy loop over transformers'
+   own model.generate (greedy, KV cache, same batch and number of new tokens). Target >= 1.
+   decode_purified_throughput_ratio: purified (two-pass) decoding over that greedy loop, ~0.5.
 Each figure is the median of several repeats after a warm-up, with the spread (min..max) beside it.
 """
 import argparse
@@ -170,6 +173,8 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=None, help="override the layer count (same widths)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples / questions per batch")
     parser.add_argument("--answer-tokens", type=int, default=4, help="tokens generated per POPE answer")
+    parser.add_argument("--decode-tokens", type=int, default=24, help="tokens generated per row in the decoding "
+                                                                      "throughput figures (a description's length)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (after one warm-up)")
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--memory-probe", choices=["seed", "sft"], help=argparse.SUPPRESS)
@@ -216,11 +221,32 @@ def main(argv=None):
 
     t_single = per_answer(timed(one_at_a_time, device, max(1, args.repeats // 2)))
     results.update(eval_single_s=t_single, eval_batched_speedup=ratio(t_single, t_base))
+
+    # 4. decoding throughput: this project's greedy loop against transformers' own generate (greedy, KV
+    # cache, the same batch, exactly decode_tokens new tokens on both, the image placeholders suppressed on
+    # both), and the purified two-pass decoding that makes SEED's examples
+    placeholders = decode.placeholder_token_ids(model)
+    n = args.decode_tokens
+
+    def ours(contrast=False):
+        with autocast:
+            decode.generate(model, inputs, n, contrast=contrast)
+
+    def library():
+        with autocast:
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                           suppress_tokens=placeholders, pad_token_id=0)
+
+    t_ours, t_library = timed(ours, device, args.repeats), timed(library, device, args.repeats)
+    t_purified = timed(lambda: ours(True), device, args.repeats)
+    results.update(decode_ours_s=t_ours, decode_generate_s=t_library, decode_purified_s=t_purified,
+                   decode_throughput_ratio=ratio(t_library, t_ours),
+                   decode_purified_throughput_ratio=ratio(t_ours, t_purified))
     del model, optimizer, batch, inputs
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # 4. peak memory of each step, each in a fresh process so neither inherits the other's peak
+    # 5. peak memory of each step, each in a fresh process so neither inherits the other's peak
     peaks = {}
     for kind in ("seed", "sft"):
         command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--device", args.device,
@@ -245,18 +271,22 @@ def format_table(r):
             shown = f"{value['median']:.3f}  ({value['min']:.3f}..{value['max']:.3f})"
         else:
             shown = f"{value:.3f}"
-        return f"{name:<42}{shown:<28}{target}"
+        return f"{name:<46}{shown:<28}{target}"
 
     ms = lambda t: f"{1000 * t['median']:.2f} ms"  # noqa: E731
     lines = [f"SEED bench on {r['device']}, shape {r['shape']}, {r['dtype']}, batch {r['batch_size']}",
-             f"{'ratio':<42}{'median  (spread)':<28}target",
+             f"{'ratio':<46}{'median  (spread)':<28}target",
              row("train step: SEED / plain adapter step", r["train_step_ratio"], "<= 1.8 (floor ~5/3)"),
              row("answer cost: merged SEED / base", r["answer_cost_ratio_seed"], "<= 1.05"),
              row("answer cost: VCD / base", r["answer_cost_ratio_vcd"], "~2"),
              row("peak memory: SEED step / plain step", r["peak_memory_ratio"], "<= 1.3"),
              row("eval: batched speed-up over one at a time", r["eval_batched_speedup"], "> 1"),
+             row("decoding: our greedy loop / model.generate", r["decode_throughput_ratio"], ">= 1 (tokens/s)"),
+             row("decoding: purified two-pass / our greedy", r["decode_purified_throughput_ratio"], "~0.5 (tokens/s)"),
              f"raw: SEED step {ms(r['train_step_seed_s'])}, plain step {ms(r['train_step_sft_s'])}, "
              f"answer base {ms(r['answer_base_s'])} / SEED {ms(r['answer_seed_s'])} / VCD {ms(r['answer_vcd_s'])}, "
+             f"decoding {ms(r['decode_ours_s'])} / generate {ms(r['decode_generate_s'])} / purified "
+             f"{ms(r['decode_purified_s'])} a batch, "
              f"peak memory SEED {r['peak_memory_seed_bytes'] / 2**20:.0f} MiB / plain "
              f"{r['peak_memory_sft_bytes'] / 2**20:.0f} MiB"]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Decoding for LLaVA / InternVL checkpoints: greedy, sampled and contrastive (VCD), with the KV cache.
+"""Decoding for LLaVA / InternVL / Qwen2-VL checkpoints: greedy, sampled and contrastive (VCD), with the KV cache.
 
 Paper: SEED (arXiv 2507.04680) builds its data by *purified* decoding, the contrast of METHOD.md 2
 applied at every generated token; VCD (Leng et al., CVPR 2024) decodes the same way at inference.
@@ -7,6 +7,8 @@ so each can be copied without the other.
 
 Ours: one generator per question for the distortion and the sampling noise (answers never depend
 on the batch), image placeholders suppressed, prompts through the processor's own chat template.
+What differs between the families lives in one function each: `distort_images` (how a family lays
+out its pixels), `pixel_rows_per_question` (tiles, patches) and `position_ids` (Qwen2-VL's M-RoPE).
 """
 import os
 

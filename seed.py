@@ -150,6 +150,8 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
     that stopped); decoding continues after them. path: a JSON-lines file each new answer is appended
     to as {"kind", "image", "prompt", "response"}, fsynced after every batch. Prompt i's noise comes
     from seeded_generator(seed, i) whatever batch it falls in, so a resumed run gives the same answers.
+    Under torchrun each process decodes one batch of every chunk of batch_size x processes prompts,
+    the answers are gathered in order, and process 0 writes them.
     """
     from tqdm import tqdm
 
@@ -158,9 +160,9 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
     responses = []
     for record, (index, text) in zip(done, prompts):  # made before a stop: they must be these very prompts
         if (record.get("kind"), record.get("image"), record.get("prompt")) != (kind, index, text):
-            raise ValueError(f"{path}: record {record['_record']} is {record.get('kind')} {record.get('prompt')!r} on "
-                             f"image {record.get('image')}, but this run's is {kind} {text!r} on image {index}: the file "
-                             f"was made with other images or settings (delete it, or run without --resume)")
+            raise ValueError(f"{path}: record {record['_record']} is {record.get('kind')} {record.get('prompt')!r} "
+                             f"on image {record.get('image')}, but this run's is {kind} {text!r} on image {index}: "
+                             f"the file was made with other images or settings (delete it, or run without --resume)")
         responses.append(record["response"])
     out = open(path, "a") if path and distributed.is_main() else None  # process 0 writes
     chunk_size = batch_size * distributed.world_size()  # under torchrun each process decodes a batch of it
@@ -274,7 +276,8 @@ def collate(examples, processor, images):
                              f"{sorted(placeholders & set(e['response']))}: the processor would expand it, and the "
                              f"image features would not fit the placeholders ({e['prompt']!r})")
     texts = [decode.chat_prompt(processor, e["prompt"]) for e in examples]
-    prompts = processor(images=[decode.open_image(images[e["image"]]) for e in examples], text=texts, return_tensors="pt",
+    pictures = [decode.open_image(images[e["image"]]) for e in examples]  # read now, this batch's only
+    prompts = processor(images=pictures, text=texts, return_tensors="pt",
                         padding=True, padding_side="right")  # for this call only: the tokenizer is left as it was
     prompt_lengths = prompts["attention_mask"].sum(-1).tolist()
     length = max(n + len(e["response"]) for n, e in zip(prompt_lengths, examples))

@@ -9,6 +9,7 @@ attach the adapter, `loss = seed_step(...); loss.backward(); optimizer.step()`, 
 
     python train.py                                  # the built-in toy world, CPU, a few minutes
     python train.py --model llava-1.5-7b-hf --images unlabeled/ --pope pope/ --pope-images val2014/
+    torchrun --nproc_per_node 8 train.py --model ...    # the same run, split over 8 GPUs (distributed.py)
 
 Rows of the table: base; VCD decoding (the contrast at inference, two passes per token); SEED with
 forward KL (classic distillation, the paper's ablation); SEED with reverse KL (the paper).
@@ -48,8 +49,8 @@ COCO_OBJECTS = [name.replace("_", " ") for name in (  # 80 names, some of two wo
 
 @dataclass
 class Config:
-    model: str = field(default=None, metadata={"help": "local LLaVA-1.5 / InternVL checkpoint in transformers form; "
-                                                       "none: the built-in toy world (ours)"})
+    model: str = field(default=None, metadata={"help": "local LLaVA-1.5 / InternVL / Qwen2-VL checkpoint in "
+                                                       "transformers form; none: the built-in toy world (ours)"})
     images: str = field(default=None, metadata={"help": "folder of unlabeled images for SEED (with --model)"})
     pope: str = field(default=None, metadata={"help": "folder holding *_pope_{random,popular,adversarial}.json"})
     pope_images: str = field(default=None, metadata={"help": "folder of the POPE questions' images"})

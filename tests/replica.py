@@ -111,7 +111,8 @@ def build(root, unlabeled=8, pope_images=4, questions_per_image=2, object_names=
     make_model(processor.tokenizer, seed).save_pretrained(paths["llava-1.5-7b-replica"])
     processor.save_pretrained(paths["llava-1.5-7b-replica"])
     for i in range(unlabeled):
-        write_jpeg(os.path.join(paths["train2014"], f"COCO_train2014_{100_000 + i:012d}.jpg"), rng.choice(COCO_SIZES), rng)
+        name = f"COCO_train2014_{100_000 + i:012d}.jpg"
+        write_jpeg(os.path.join(paths["train2014"], name), rng.choice(COCO_SIZES), rng)
     val_names = [f"COCO_val2014_{300_000 + i:012d}.jpg" for i in range(pope_images)]
     for name in val_names:
         write_jpeg(os.path.join(paths["val2014"], name), rng.choice(COCO_SIZES), rng)

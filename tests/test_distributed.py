@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--pretrain-steps", "15", "--steps", "4", "--unlabeled", "6", "--eval-images", "4", "--sample-seeds", "1",
@@ -50,7 +49,8 @@ def test_two_processes_give_the_adapter_examples_and_answers_of_one(runs):
                     == (root / "two" / method / "answers" / name).read_bytes()), (method, name)
     first, second = (json.loads((root / r / "results.json").read_text()) for r in ("one", "two"))
     for method in ("base", "vcd", "seed_reverse"):
-        assert first[method]["greedy"] == second[method]["greedy"] and first[method]["sample"] == second[method]["sample"]
+        for decoding in ("greedy", "sample"):
+            assert first[method][decoding] == second[method][decoding], (method, decoding)
     assert second["seed_reverse"]["final_loss"][0] == pytest.approx(first["seed_reverse"]["final_loss"][0], rel=1e-5)
 
 

@@ -70,12 +70,14 @@ def test_bench_at_its_smallest_size_produces_every_figure(tmp_path):
     done = run(["bench.py", "--repeats", "1", "--batch-size", "2", "--json", str(tmp_path / "bench.json")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("train_step_ratio", "answer_cost_ratio_seed", "answer_cost_ratio_vcd", "eval_batched_speedup"):
+    for key in ("train_step_ratio", "answer_cost_ratio_seed", "answer_cost_ratio_vcd", "eval_batched_speedup",
+                "decode_throughput_ratio", "decode_purified_throughput_ratio"):
         assert figures[key]["median"] > 0, key
     assert figures["peak_memory_ratio"] > 0
     for key in ("train_step_seed_s", "train_step_sft_s", "answer_base_s", "answer_seed_s", "answer_vcd_s"):
         assert figures[key]["median"] > 0, key
     assert "train step: SEED / plain adapter step" in done.stdout
+    assert "decoding: our greedy loop / model.generate" in done.stdout
 
 
 def test_merged_weights_are_the_merged_model_and_leave_the_model_as_it_was(llava, tmp_path):
