@@ -205,5 +205,9 @@ def load_model(path, device="cpu", dtype=None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
+    if not hasattr(processor, "image_processor"):  # AutoProcessor falls back to the tokenizer alone
+        raise ValueError(f"{path}: AutoProcessor gave a {type(processor).__name__}, not an image-text processor: the "
+                         f"folder's processor could not be built (Qwen2-VL's and InternVL's also need torchvision, "
+                         f"for their video processors)")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
     return model, processor

@@ -69,3 +69,22 @@ def test_a_resumed_two_process_run_redoes_nothing_and_ends_the_same(runs):
     for method in ("base", "vcd", "seed_reverse"):
         assert after[method]["greedy"] == before[method]["greedy"]
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps  # the finished round was replayed, not rewritten
+
+
+def test_a_process_that_fails_takes_the_job_down_with_its_message(tmp_path):
+    """A photo that cannot be read, in the second process's share: the job ends (no hang) and says why."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import replica
+
+    paths = replica.build(str(tmp_path), unlabeled=4, pope_images=2, questions_per_image=2)
+    broken = sorted(os.listdir(paths["train2014"]))[3]  # the last of the first chunk: process 1 decodes it
+    (tmp_path / "train2014" / broken).write_bytes(b"not a jpeg")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", "--model", paths["llava-1.5-7b-replica"], "--images", paths["train2014"],
+                           "--pope", paths["pope"], "--pope-images", paths["val2014"], "--out", str(tmp_path / "out"),
+                           "--loss", "reverse", "--steps", "1", "--batch-size", "2", "--probes-per-image", "1",
+                           "--description-tokens", "2", "--sample-seeds", "1", "--no-progress", "--dist-timeout", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert f"{broken}: cannot read the image" in done.stderr

@@ -189,3 +189,13 @@ def test_self_evolve_and_pope_run_on_qwen_as_on_llava(processor, tmp_path):
                              str(tmp_path / "answers"), config, contrast=True)
     assert 0 <= results["greedy"]["random"]["f1"] <= 1
     assert len(eval_pope.read_answers(str(tmp_path / "answers" / "vcd-greedy_random_seed0.jsonl"))) == 4
+
+
+def test_a_checkpoint_whose_processor_cannot_be_built_is_refused_naming_it(processor, tmp_path):
+    # Saved from the torchvision-free processor of these tests, the folder names a processor class
+    # AutoProcessor cannot build, and it falls back to the bare tokenizer: refused, not used.
+    model = tiny_qwen_vl(processor)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"{tmp_path}: AutoProcessor gave a \w+, not an image-text processor"):
+        decode.load_model(str(tmp_path))
