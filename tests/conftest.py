@@ -62,6 +62,54 @@ def tiny_internvl(vocab_size=64, image_token_id=5):
     return InternVLForConditionalGeneration(config).eval()
 
 
+def word_level_core(specials):
+    """The toy world's word-level tokenizer core, with a family's special tokens first."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(specials + toyworld.WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.decoder = decoders.WordPiece(prefix="##")
+    return core
+
+
+def take_seed_steps(model, batch, parameters, lr, steps=3):
+    """A few SEED steps (reverse KL, noise step 600, step s's noise seeded by s), each loss finite."""
+    import seed
+
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    for step in range(steps):
+        loss, _, _ = seed.seed_step(model, batch, "reverse", noise_step=600,
+                                    generator=torch.Generator().manual_seed(step))
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def check_the_teacher_is_the_purified_base(model, base, batch, noise_seed, distorted_pixel_values, **inputs):
+    """After the student has moved: seed_step's student equals the model's own logits at the response
+    positions, and its teacher equals purify(base clean, base distorted), computed by full forwards of
+    an untouched copy of the base model. distorted_pixel_values: the distortion of noise_seed's generator."""
+    import purge
+    import seed
+
+    _, teacher, student = seed.seed_step(model, batch, "reverse", noise_step=600,
+                                         generator=torch.Generator().manual_seed(noise_seed))
+    at = batch["response_mask"][:, 1:]
+    inputs.update(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        clean = base(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
+        distorted = base(**inputs, pixel_values=distorted_pixel_values).logits[:, :-1][at]
+        moved = model(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
+    assert not torch.allclose(student, clean, atol=1e-3)  # the adapter has really moved the student
+    torch.testing.assert_close(student, moved, rtol=1e-5, atol=1e-5)
+    expected = purge.purify(clean, distorted)
+    assert torch.equal(torch.isinf(teacher), torch.isinf(expected))
+    torch.testing.assert_close(teacher[~torch.isinf(teacher)], expected[~torch.isinf(expected)], rtol=1e-4, atol=1e-4)
+
+
 def tiny_internvl_processor():
     """An InternVLProcessor with InternVL's real tiling (the PIL GotOcr2ImageProcessorPil with
     crop_to_patches: an image is cut into 1..4 tiles by its aspect ratio, plus a thumbnail when it
@@ -73,16 +121,11 @@ def tiny_internvl_processor():
     tokenizer alone: a subclass whose `get_attributes` names only those two (ProcessorMixin checks
     and stores exactly the attributes it lists); everything an image takes is InternVLProcessor's own.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import InternVLProcessor, PreTrainedTokenizerFast
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
-    vocab = {w: i for i, w in enumerate(specials + toyworld.WORDS)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    core.decoder = decoders.WordPiece(prefix="##")
+    core = word_level_core(specials)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
         extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
@@ -108,17 +151,12 @@ def tiny_qwen_vl_processor():
     tokens. Built from the image processor and the tokenizer alone, as tiny_internvl_processor is,
     because the video processor it insists on needs torchvision (see there).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + toyworld.WORDS)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    core.decoder = decoders.WordPiece(prefix="##")
+    core = word_level_core(specials)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<|endoftext|>", unk_token="<unk>", eos_token="<|im_end|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",

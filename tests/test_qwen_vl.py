@@ -12,7 +12,8 @@ from PIL import Image
 import adapter
 import decode
 import seed
-from conftest import tiny_qwen_vl, tiny_qwen_vl_processor
+from conftest import (check_the_teacher_is_the_purified_base, take_seed_steps, tiny_qwen_vl,
+                      tiny_qwen_vl_processor)
 
 FAMILIES = ["qwen2_5_vl", "qwen2_vl"]
 IMAGES = [((32, 32), (200, 40, 40)), ((64, 40), (40, 200, 40)), ((40, 100), (40, 40, 200))]  # 4, 8 and 12 image tokens
@@ -77,38 +78,17 @@ def test_response_logits_equal_the_full_forward_at_response_positions(processor,
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_seed_step_moves_only_the_adapter_and_the_teacher_is_the_purified_base(processor, family):
-    import purge
-
     model = tiny_qwen_vl(processor, family)
     base = copy.deepcopy(model)
     batch = seed.collate(examples(processor), processor, images())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.Adam(adapter.add_adapter(model, rank=4), lr=2e-2)
-    for step in range(3):
-        loss, teacher, student = seed.seed_step(model, batch, "reverse", noise_step=600,
-                                                generator=torch.Generator().manual_seed(step))
-        assert torch.isfinite(loss)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    take_seed_steps(model, batch, adapter.add_adapter(model, rank=4), lr=2e-2)
     for name, p in model.named_parameters():
         if not name.endswith((".A", ".B")):
             assert torch.equal(p, before[name.replace(".base.", ".")]), name
-    _, teacher, student = seed.seed_step(model, batch, "reverse", noise_step=600,
-                                         generator=torch.Generator().manual_seed(7))
-    at = batch["response_mask"][:, 1:]
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=token_types(batch, processor))
-    with torch.no_grad():
-        clean = base(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
-        noisy = decode.distort_images(base, batch["pixel_values"], 600, torch.Generator().manual_seed(7))
-        distorted = base(**inputs, pixel_values=noisy).logits[:, :-1][at]
-        moved = model(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
-    assert not torch.allclose(student, clean, atol=1e-3)  # the adapter has moved the student
-    torch.testing.assert_close(student, moved, rtol=1e-5, atol=1e-5)
-    expected = purge.purify(clean, distorted)
-    assert torch.equal(torch.isinf(teacher), torch.isinf(expected))
-    torch.testing.assert_close(teacher[~torch.isinf(teacher)], expected[~torch.isinf(expected)], rtol=1e-4, atol=1e-4)
+    noisy = decode.distort_images(base, batch["pixel_values"], 600, torch.Generator().manual_seed(7))
+    check_the_teacher_is_the_purified_base(model, base, batch, 7, noisy, image_grid_thw=batch["image_grid_thw"],
+                                           mm_token_type_ids=token_types(batch, processor))
 
 
 def test_the_distortion_is_one_noise_per_frame_shared_by_its_temporal_copies(processor):

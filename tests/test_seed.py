@@ -9,7 +9,7 @@ import adapter
 import losses
 import purge
 import seed
-from conftest import tiny_internvl
+from conftest import check_the_teacher_is_the_purified_base, take_seed_steps, tiny_internvl
 
 
 def llava_batch(processor, images_count=3):
@@ -221,19 +221,8 @@ def test_the_teacher_stays_the_purified_base_after_the_adapter_has_moved(llava, 
     torch.manual_seed(3)
     for layer in adapter.adapter_layers(llava).values():
         torch.nn.init.normal_(layer.B, std=0.5)
-    loss, teacher, student = seed.seed_step(llava, batch, noise_step=600, generator=torch.Generator().manual_seed(5))
-    at = batch["response_mask"][:, 1:]
-    with torch.no_grad():
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        clean = base(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
-        noisy = purge.distort(batch["pixel_values"], 600, torch.Generator().manual_seed(5))
-        distorted = base(**inputs, pixel_values=noisy).logits[:, :-1][at]
-        moved = llava(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
-    assert not torch.allclose(student, clean, atol=1e-2)  # the adapter has really moved the student
-    torch.testing.assert_close(student, moved, rtol=1e-5, atol=1e-5)
-    expected = purge.purify(clean, distorted)
-    assert torch.equal(torch.isinf(teacher), torch.isinf(expected))
-    torch.testing.assert_close(teacher[~torch.isinf(teacher)], expected[~torch.isinf(expected)], rtol=1e-4, atol=1e-4)
+    noisy = purge.distort(batch["pixel_values"], 600, torch.Generator().manual_seed(5))
+    check_the_teacher_is_the_purified_base(llava, base, batch, 5, noisy)
 
 
 def test_collate_refuses_a_response_holding_the_image_placeholder(processor):
@@ -330,14 +319,7 @@ def test_seed_step_on_a_peft_wrapped_llava(llava, processor):
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                         target_modules=r".*language_model.*\.(q_proj|v_proj)")  # the decoder's only
     model = get_peft_model(llava, config)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(3):
-        loss, teacher, student = seed.seed_step(model, batch, "reverse", noise_step=600,
-                                                generator=torch.Generator().manual_seed(step))
-        assert torch.isfinite(loss)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    take_seed_steps(model, batch, [p for p in model.parameters() if p.requires_grad], lr=1e-2)
     moved = {n for n, p in model.named_parameters() if "lora_" in n and "lora_B" in n and p.abs().sum() > 0}
     assert moved  # LoRA's B has left zero: the student is no longer the base
     for name, p in model.named_parameters():  # everything that is not LoRA is as it was
@@ -345,20 +327,8 @@ def test_seed_step_on_a_peft_wrapped_llava(llava, processor):
             original = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
             assert torch.equal(p, before[original]), name
     # After the moves the teacher is still purify of the *base* model's clean and distorted logits.
-    _, teacher, student = seed.seed_step(model, batch, "reverse", noise_step=600,
-                                         generator=torch.Generator().manual_seed(9))
-    at = batch["response_mask"][:, 1:]
-    with torch.no_grad():
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        clean = base(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
-        noisy = purge.distort(batch["pixel_values"], 600, torch.Generator().manual_seed(9))
-        distorted = base(**inputs, pixel_values=noisy).logits[:, :-1][at]
-        wrapped = model(**inputs, pixel_values=batch["pixel_values"]).logits[:, :-1][at]
-    assert not torch.allclose(student, clean, atol=1e-3)
-    torch.testing.assert_close(student, wrapped, rtol=1e-5, atol=1e-5)
-    expected = purge.purify(clean, distorted)
-    assert torch.equal(torch.isinf(teacher), torch.isinf(expected))
-    torch.testing.assert_close(teacher[~torch.isinf(teacher)], expected[~torch.isinf(expected)], rtol=1e-4, atol=1e-4)
+    noisy = purge.distort(batch["pixel_values"], 600, torch.Generator().manual_seed(9))
+    check_the_teacher_is_the_purified_base(model, base, batch, 9, noisy)
 
 
 def test_a_run_stopped_during_example_generation_resumes_to_the_same_examples_and_adapter(processor, tmp_path,
