@@ -6,6 +6,7 @@ of every chunk of prompts, trains on its rows of every global batch, and the res
 files are written by process 0 alone. Plain `python train.py` is one process and every function
 here is then a no-op (no process group is made). Built on torch.distributed only: NCCL between GPUs,
 gloo on the CPU; a collective that waits longer than the timeout fails the job instead of hanging.
+Why the split step equals the one-process step: METHOD.md section 7.
 """
 import datetime
 import json
