@@ -362,16 +362,18 @@ def save_merged(model, processor, path):
 
 @torch.no_grad()
 def held_out_void_mass(model, processor, images, examples, batch_size, alpha, beta, noise_step, seed):
-    """Mean student probability on the purified teacher's void tokens, over held-out response positions."""
+    """Mean student probability on the purified teacher's void tokens, over held-out response positions.
+    Under torchrun each process measures every P-th batch and the sums are added up."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
+    for start in range(distributed.rank() * batch_size, len(examples), batch_size * distributed.world_size()):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], processor, images).items()}
         generator = decode.seeded_generator(seed, 999_983 + start)
         _, teacher, student = seed_step(model, batch, "reverse", alpha=alpha, beta=beta, noise_step=noise_step,
                                         generator=generator)
         total += losses.void_mass(student, teacher).item() * teacher.shape[0]
         count += teacher.shape[0]
+    total, count = distributed.sum_value(total), distributed.sum_value(count)
     return total / max(count, 1)
 
 

@@ -535,7 +535,7 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
     names = sorted(objects_by_image)
     mentioned_total = hallucinated_total = captions_with_any = 0
     device = next(model.parameters()).device
-    for start in range(0, len(names), batch_size):
+    for start in range(distributed.rank() * batch_size, len(names), batch_size * distributed.world_size()):
         chunk = names[start:start + batch_size]
         images = [Image.open(os.path.join(image_dir, n)).convert("RGB") for n in chunk]
         inputs = decode.prompt_batch(processor, images, ["Describe the image."] * len(chunk), device)
@@ -549,6 +549,9 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
             mentioned_total += len(mentioned)
             hallucinated_total += len(hallucinated)
             captions_with_any += bool(hallucinated)
+    # under torchrun each process described every P-th batch: add the counts up
+    mentioned_total, hallucinated_total, captions_with_any = (
+        distributed.sum_value(n) for n in (mentioned_total, hallucinated_total, captions_with_any))
     return {"chair_i": hallucinated_total / max(mentioned_total, 1), "chair_s": captions_with_any / len(names)}
 
 

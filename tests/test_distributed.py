@@ -51,7 +51,9 @@ def test_two_processes_give_the_adapter_examples_and_answers_of_one(runs):
     for method in ("base", "vcd", "seed_reverse"):
         for decoding in ("greedy", "sample"):
             assert first[method][decoding] == second[method][decoding], (method, decoding)
-    assert second["seed_reverse"]["final_loss"][0] == pytest.approx(first["seed_reverse"]["final_loss"][0], rel=1e-5)
+        assert first[method]["captions"] == second[method]["captions"], method  # CHAIR, split by batches
+    for figure in ("final_loss", "void_mass", "void_mass_at_start"):  # sums over processes: float rounding
+        assert second["seed_reverse"][figure][0] == pytest.approx(first["seed_reverse"][figure][0], rel=1e-5)
 
 
 def test_only_process_zero_prints(runs):
