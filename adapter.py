@@ -136,24 +136,30 @@ def merge_adapter(model):
     return model
 
 
-def save_adapter(model, path):
-    """Write the adapter's A and B to <path>/adapter.safetensors and its settings to adapter_config.json."""
+def _write_adapter_files(path, tensors, weights_name, config, config_name, metadata=None):
+    """<path>/<weights_name> (safetensors) and <path>/<config_name> (JSON), each written under a
+    temporary name and renamed, so a crash never leaves a half-written adapter behind."""
     from safetensors.torch import save_file
 
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, weights_name + ".tmp"), metadata=metadata)
+    with open(os.path.join(path, config_name + ".tmp"), "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(os.path.join(path, weights_name + ".tmp"), os.path.join(path, weights_name))
+    os.replace(os.path.join(path, config_name + ".tmp"), os.path.join(path, config_name))
+
+
+def save_adapter(model, path):
+    """Write the adapter's A and B to <path>/adapter.safetensors and its settings to adapter_config.json."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no adapter to save")
-    os.makedirs(path, exist_ok=True)
     tensors = {}
     for name, layer in layers.items():
         tensors[f"{name}.A"] = layer.A.detach().contiguous().cpu()
         tensors[f"{name}.B"] = layer.B.detach().contiguous().cpu()
-    # Write under temporary names and rename, so a crash never leaves a half-written adapter behind.
-    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS + ".tmp"))
-    with open(os.path.join(path, ADAPTER_CONFIG + ".tmp"), "w") as f:
-        json.dump({**model._adapter_settings, "layers": sorted(layers)}, f, indent=2)
-    os.replace(os.path.join(path, ADAPTER_WEIGHTS + ".tmp"), os.path.join(path, ADAPTER_WEIGHTS))
-    os.replace(os.path.join(path, ADAPTER_CONFIG + ".tmp"), os.path.join(path, ADAPTER_CONFIG))
+    _write_adapter_files(path, tensors, ADAPTER_WEIGHTS, {**model._adapter_settings, "layers": sorted(layers)},
+                         ADAPTER_CONFIG)
 
 
 def load_adapter(model, path):
@@ -196,13 +202,10 @@ def save_peft_adapter(model, path, base_model_name_or_path=None):
     names (language-model layers only): PEFT matches a list entry by name or dotted suffix, so the
     vision tower's q_proj / v_proj are never touched.
     """
-    from safetensors.torch import save_file
-
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no adapter to save")
     settings = model._adapter_settings
-    os.makedirs(path, exist_ok=True)
     tensors = {}
     for name, layer in layers.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = layer.A.detach().contiguous().cpu()
@@ -213,9 +216,5 @@ def save_peft_adapter(model, path, base_model_name_or_path=None):
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
     }
-    save_file(tensors, os.path.join(path, PEFT_WEIGHTS + ".tmp"), metadata={"format": "pt"})
-    with open(os.path.join(path, PEFT_CONFIG + ".tmp"), "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(os.path.join(path, PEFT_WEIGHTS + ".tmp"), os.path.join(path, PEFT_WEIGHTS))
-    os.replace(os.path.join(path, PEFT_CONFIG + ".tmp"), os.path.join(path, PEFT_CONFIG))
+    _write_adapter_files(path, tensors, PEFT_WEIGHTS, config, PEFT_CONFIG, metadata={"format": "pt"})
     return path
