@@ -16,13 +16,18 @@ import torch
 import torch.distributed as dist
 
 
+def launched_processes():
+    """How many processes torchrun launched (its WORLD_SIZE; 1 without torchrun), known before start()."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start(timeout_minutes=30):
     """Join torchrun's process group when launched by torchrun (WORLD_SIZE > 1); returns this process's device.
 
     Each process takes the GPU of its LOCAL_RANK, or the CPU (gloo) when there is none. Without
     torchrun nothing is started and the device is None (the caller's --device decides).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if launched_processes() <= 1 or dist.is_initialized():
         return None
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
@@ -63,6 +68,12 @@ def share(count, batch_size):
     batches of batch_size, and the chunk is the concatenation of the processes' slices in rank order."""
     start = min(rank() * batch_size, count)
     return start, min(start + batch_size, count)
+
+
+def batch_starts(count, batch_size):
+    """The starts of the batches of `batch_size` out of `count` items that this process takes: every
+    P-th batch, from its rank (all of them in one process). For work whose results are summed."""
+    return range(rank() * batch_size, count, batch_size * world_size())
 
 
 def _device():

@@ -48,16 +48,16 @@ def image_features(model, pixel_values, image_grid_thw=None):
     return features.reshape(-1, features.shape[-1])
 
 
-def response_logits(model, input_ids, attention_mask, features, response_mask, image_grid_thw=None):
+def response_logits(model, input_ids, attention_mask, positions, features, response_mask):
     """Logits only at the positions that predict a response token: (n_response_tokens, vocab).
 
-    The image placeholders are filled with precomputed `features`, so the vision tower is not rerun;
-    the positions are the family's own (decode.position_ids: 1-D, or Qwen2-VL's M-RoPE from the grid).
+    The image placeholders are filled with precomputed `features`, so the vision tower is not rerun.
+    positions: the family's own, from decode.position_ids (1-D, or Qwen2-VL's M-RoPE from the image
+    grid), computed once by the caller for all the passes over the same batch.
     """
     embeddings = model.get_input_embeddings()(input_ids)
     placeholders = (input_ids == model.config.image_token_id).unsqueeze(-1)
     embeddings = embeddings.masked_scatter(placeholders, features.to(embeddings.dtype))
-    positions = decode.position_ids(model, input_ids, attention_mask, image_grid_thw)
     hidden = model.model(inputs_embeds=embeddings, attention_mask=attention_mask,
                          position_ids=positions).last_hidden_state  # (B, L, H)
     predicts_response = response_mask[:, 1:]  # position t predicts token t + 1
@@ -95,6 +95,7 @@ def seed_step(model, batch, divergence="reverse", alpha=purge.ALPHA, beta=purge.
     input_ids, attention_mask, response_mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     grid = batch.get("image_grid_thw")  # Qwen2-VL only
     net = transformers_model(model)
+    positions = decode.position_ids(net, input_ids, attention_mask, grid)  # the same for all three passes
     with torch.no_grad():
         clean = image_features(net, batch["pixel_values"], grid)
         noisy = batch.get("distorted_pixel_values")  # drawn beforehand when a batch is split (process_rows)
@@ -102,11 +103,11 @@ def seed_step(model, batch, divergence="reverse", alpha=purge.ALPHA, beta=purge.
             noisy = decode.distort_images(net, batch["pixel_values"], noise_step, generator)
         distorted = image_features(net, noisy, grid)
         with teacher_mode(model):
-            z = response_logits(net, input_ids, attention_mask, clean, response_mask, grid)
-            z_distorted = response_logits(net, input_ids, attention_mask, distorted, response_mask, grid)
+            z = response_logits(net, input_ids, attention_mask, positions, clean, response_mask)
+            z_distorted = response_logits(net, input_ids, attention_mask, positions, distorted, response_mask)
         teacher = purge.purify(z, z_distorted, alpha, beta)  # pt = softmax(teacher), voids at -inf
         del z, z_distorted, distorted, noisy
-    student = response_logits(net, input_ids, attention_mask, clean, response_mask, grid)
+    student = response_logits(net, input_ids, attention_mask, positions, clean, response_mask)
     if divergence == "reverse":
         return losses.reverse_kl(student, teacher, eps=void_eps), teacher, student
     return losses.forward_kl(student, teacher), teacher, student
@@ -117,7 +118,9 @@ def sft_step(model, batch):
     grid = batch.get("image_grid_thw")
     with torch.no_grad():
         clean = image_features(model, batch["pixel_values"], grid)
-    student = response_logits(model, batch["input_ids"], batch["attention_mask"], clean, batch["response_mask"], grid)
+    positions = decode.position_ids(model, batch["input_ids"], batch["attention_mask"], grid)
+    student = response_logits(model, batch["input_ids"], batch["attention_mask"], positions, clean,
+                              batch["response_mask"])
     targets = batch["input_ids"][:, 1:][batch["response_mask"][:, 1:]]
     return torch.nn.functional.cross_entropy(student.float(), targets)
 
@@ -366,7 +369,7 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
     Under torchrun each process measures every P-th batch and the sums are added up."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(distributed.rank() * batch_size, len(examples), batch_size * distributed.world_size()):
+    for start in distributed.batch_starts(len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], processor, images).items()}
         generator = decode.seeded_generator(seed, 999_983 + start)
         _, teacher, student = seed_step(model, batch, "reverse", alpha=alpha, beta=beta, noise_step=noise_step,

@@ -133,7 +133,7 @@ def check_config(args):
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}"
-    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
+    processes = distributed.launched_processes()
     if args.batch_size < processes:
         return f"--batch-size {args.batch_size} is the global batch: at least one row per process ({processes})"
     if args.dist_timeout < 1:
@@ -304,10 +304,8 @@ def answer_costs(model, processor, question_file, image_dir, batch_size, rows, r
     each per round, after one warm-up round), so a drift in the machine's speed falls on every row
     alike instead of on whichever row happened to be timed first.
     """
-    from PIL import Image
-
     questions = eval_pope.load_questions(question_file)[:batch_size]
-    images = [Image.open(os.path.join(image_dir, q["image"])).convert("RGB") for q in questions]
+    images = [os.path.join(image_dir, q["image"]) for q in questions]  # prompt_batch reads them
     device = next(model.parameters()).device
     inputs = decode.prompt_batch(processor, images, [q["text"] + eval_pope.PROMPT_SUFFIX for q in questions],
                                     device)
@@ -497,8 +495,6 @@ def main(argv=None):
 def draw_pictures(results, splits, pope_files, image_dir, out):
     """results.png (F1 per split, greedy and sampled, and the void mass) and scenes.png (held-out
     adversarial questions with the base model's and SEED's greedy answers, disagreements first)."""
-    from PIL import Image
-
     import pictures
 
     methods = [m for m in ("base", "vcd", "seed_forward", "seed_reverse") if m in results]
@@ -517,7 +513,7 @@ def draw_pictures(results, splits, pope_files, image_dir, out):
         os.path.join(out, m, "answers", f"greedy_{split}_seed0.jsonl"))} for m in ("base", seeds[-1])}
     differ = [i for i in sorted(questions) if answers["base"][i] != answers[seeds[-1]][i]]
     ids = sorted(differ[:6] + [i for i in sorted(questions) if i not in differ][:8 - len(differ[:6])])
-    cards = [(Image.open(os.path.join(image_dir, questions[i]["image"])).convert("RGB"), questions[i]["text"],
+    cards = [(decode.open_image(os.path.join(image_dir, questions[i]["image"])), questions[i]["text"],
               questions[i].get("label"), answers["base"][i], answers[seeds[-1]][i]) for i in ids]
     pictures.scene_sheet(cards, os.path.join(out, "scenes.png"),
                          title=f"POPE {split}, greedy: {len(differ)} of {len(questions)} answers differ between the base "
@@ -530,14 +526,12 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
     occurrence counted, that name an object not in the scene (chair_i), and the share of captions
     with any (chair_s). Toy world only: it needs true contents.
     contrast_options (alpha, beta, noise_step) set the contrast when `contrast` is on."""
-    from PIL import Image
-
     names = sorted(objects_by_image)
     mentioned_total = hallucinated_total = captions_with_any = 0
     device = next(model.parameters()).device
-    for start in range(distributed.rank() * batch_size, len(names), batch_size * distributed.world_size()):
+    for start in distributed.batch_starts(len(names), batch_size):
         chunk = names[start:start + batch_size]
-        images = [Image.open(os.path.join(image_dir, n)).convert("RGB") for n in chunk]
+        images = [os.path.join(image_dir, n) for n in chunk]  # prompt_batch reads them
         inputs = decode.prompt_batch(processor, images, ["Describe the image."] * len(chunk), device)
         generators = [decode.seeded_generator(0, start + i) for i in range(len(chunk))]
         ids = decode.generate(model, inputs, 24, contrast=contrast, generators=generators,

@@ -64,8 +64,9 @@ def test_response_logits_equal_the_full_forward_at_response_positions(processor,
                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                      mm_token_type_ids=token_types(batch, processor)).logits[:, :-1][at]
         features = seed.image_features(model, batch["pixel_values"], batch["image_grid_thw"])
-        ours = seed.response_logits(model, batch["input_ids"], batch["attention_mask"], features,
-                                    batch["response_mask"], batch["image_grid_thw"])
+        positions = decode.position_ids(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"])
+        ours = seed.response_logits(model, batch["input_ids"], batch["attention_mask"], positions, features,
+                                    batch["response_mask"])
         # the 1-D positions of the other families would be wrong here: the test can tell them apart
         embeddings = model.get_input_embeddings()(batch["input_ids"]).masked_scatter(
             (batch["input_ids"] == model.config.image_token_id)[..., None], features)

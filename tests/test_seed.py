@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import adapter
+import decode
 import losses
 import purge
 import seed
@@ -80,7 +81,8 @@ def test_response_logits_equal_the_full_forward_at_response_positions(llava, pro
         full = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      pixel_values=batch["pixel_values"]).logits
         features = seed.image_features(llava, batch["pixel_values"])
-        fast = seed.response_logits(llava, batch["input_ids"], batch["attention_mask"], features,
+        positions = decode.position_ids(llava, batch["input_ids"], batch["attention_mask"])
+        fast = seed.response_logits(llava, batch["input_ids"], batch["attention_mask"], positions, features,
                                     batch["response_mask"])
     torch.testing.assert_close(fast, full[:, :-1][batch["response_mask"][:, 1:]], rtol=1e-5, atol=1e-5)
 
@@ -257,6 +259,7 @@ def test_seed_step_on_internvl_images_with_different_tile_counts():
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      pixel_values=batch["pixel_values"]).logits
         fast = seed.response_logits(model, batch["input_ids"], batch["attention_mask"],
+                                    decode.position_ids(model, batch["input_ids"], batch["attention_mask"]),
                                     seed.image_features(model, batch["pixel_values"]), batch["response_mask"])
     torch.testing.assert_close(fast, full[:, :-1][batch["response_mask"][:, 1:]], rtol=1e-5, atol=1e-5)
     check_seed_step_moves_only_the_adapter(model, batch, "reverse")
@@ -272,8 +275,6 @@ def test_mentions_count_every_occurrence_as_chair_does():
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batching_leaves_the_tokenizer_as_it_found_it(processor, side):
     """prompt_batch pads on the left and collate on the right, each for its own call only."""
-    import decode
-
     batch, examples, images = llava_batch(processor)
     processor.tokenizer.padding_side = side
     try:
@@ -333,7 +334,6 @@ def test_seed_step_on_a_peft_wrapped_llava(llava, processor):
 
 def test_a_run_stopped_during_example_generation_resumes_to_the_same_examples_and_adapter(processor, tmp_path,
                                                                                          monkeypatch):
-    import decode
     import toyworld
 
     whole = toyworld.make_model(processor.tokenizer, seed=0)
