@@ -165,6 +165,18 @@ def memory_probe(args):
     print(json.dumps({"peak_bytes": peak}))
 
 
+def bench_problem(args):
+    """The first bad flag, as one sentence; None if all is well."""
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        return f"--device {args.device}: no such device here (cpu, or cuda when there is one)"
+    for flag, value in (("--layers", args.layers), ("--batch-size", args.batch_size),
+                        ("--answer-tokens", args.answer_tokens), ("--decode-tokens", args.decode_tokens),
+                        ("--repeats", args.repeats)):
+        if value is not None and value < 1:
+            return f"{flag} must be at least 1, got {value}"
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -179,6 +191,9 @@ def main(argv=None):
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--memory-probe", choices=["seed", "sft"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    problem = bench_problem(args)
+    if problem:  # before anything is built, in one line
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
     if args.memory_probe:
         return memory_probe(args)
 

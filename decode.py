@@ -10,6 +10,7 @@ on the batch), image placeholders suppressed, prompts through the processor's ow
 What differs between the families lives in one function each: `distort_images` (how a family lays
 out its pixels), `pixel_rows_per_question` (tiles, patches) and `position_ids` (Qwen2-VL's M-RoPE).
 """
+import json
 import os
 
 import torch
@@ -115,6 +116,18 @@ def position_ids(model, input_ids, attention_mask, image_grid_thw=None):
     return torch.cat([text[None], mrope.to(text.device)], dim=0)
 
 
+def unsupported_batch(inputs):
+    """Why the decoding loop below would decode `inputs` wrongly, or None: it takes left-padded batches
+    of image prompts (a new token's position is the last one, the contrast distorts images)."""
+    if "pixel_values_videos" in inputs or "video_grid_thw" in inputs:
+        return "video inputs are not supported (their temporal positions are not computed here); images only"
+    if "pixel_values" not in inputs:
+        return "a text-only batch (no pixel_values): every prompt needs its image"
+    if not bool(inputs["attention_mask"][:, -1].all()):
+        return "a right-padded batch: pad on the left (padding_side='left', as prompt_batch does)"
+    return None
+
+
 @torch.no_grad()
 def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, generators=None,
              temperature=1.0, top_p=1.0, alpha=purge.ALPHA, beta=purge.BETA, noise_step=purge.NOISE_STEP,
@@ -125,6 +138,9 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
     next token is chosen from purge.purify(clean, distorted) instead of the clean logits.
     The image placeholders (placeholder_token_ids(model), plus suppress_token_ids) are never emitted.
     """
+    refused = unsupported_batch(inputs)
+    if refused:
+        raise ValueError(f"decode.generate: {refused}")
     batch = inputs["input_ids"].shape[0]
     if (sample or contrast) and generators is None:
         generators = [seeded_generator(0, i) for i in range(batch)]
@@ -200,14 +216,37 @@ def prompt_batch(processor, images, texts, device="cpu"):
     return processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
 
 
-def load_model(path, device="cpu", dtype=None):
-    """Any local image-text-to-text checkpoint in transformers form, with its processor."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def load_processor(path):
+    """The folder's own processor, for images: AutoProcessor's, or, where the processor class also
+    takes a video processor (InternVL's, Qwen2-VL's), which needs torchvision, and torchvision is not
+    installed, the same class built from the image processor, the tokenizer, the chat template and
+    the processor settings alone. The image path never reads the video processor, so nothing is lost."""
+    import transformers
+    from transformers import AutoProcessor
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.utils import is_torchvision_available
 
-    processor = AutoProcessor.from_pretrained(path)
+    settings, _ = ProcessorMixin.get_processor_dict(path)
+    name = settings.get("processor_class")
+    if name is None and os.path.isfile(os.path.join(path, "preprocessor_config.json")):  # Qwen2.5-VL's place
+        with open(os.path.join(path, "preprocessor_config.json")) as f:
+            name = json.load(f).get("processor_class")
+    full = getattr(transformers, name or "", None)
+    if full is None or is_torchvision_available() or "video_processor" not in full.get_attributes():
+        return AutoProcessor.from_pretrained(path)
+    # ProcessorMixin loads and checks exactly the attributes get_attributes lists: leave the video one out
+    attributes = [a for a in full.get_attributes() if a != "video_processor"]
+    images_only = type(name, (full,), {"get_attributes": classmethod(lambda cls: attributes)})
+    return images_only.from_pretrained(path)
+
+
+def load_model(path, device="cpu", dtype=None):
+    """Any local image-text-to-text checkpoint in transformers form, with its processor (load_processor)."""
+    from transformers import AutoModelForImageTextToText
+
+    processor = load_processor(path)
     if not hasattr(processor, "image_processor"):  # AutoProcessor falls back to the tokenizer alone
         raise ValueError(f"{path}: AutoProcessor gave a {type(processor).__name__}, not an image-text processor: the "
-                         f"folder's processor could not be built (Qwen2-VL's and InternVL's also need torchvision, "
-                         f"for their video processors)")
+                         f"folder's processor could not be built (no preprocessor_config.json?)")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
     return model, processor

@@ -112,10 +112,8 @@ def write_jsonl(records, path):
             f.write(json.dumps(record) + "\n")
 
 
-def objects_from_coco(instances_path):
-    """{file_name: [category names]} from a COCO instances_*.json."""
-    with open(instances_path) as f:
-        coco = json.load(f)
+def objects_from_coco(coco):
+    """{file_name: [category names]} from a COCO instances_*.json, as read."""
     names = {c["id"]: c["name"] for c in coco["categories"]}
     files = {image["id"]: image["file_name"] for image in coco["images"]}
     objects = {name: [] for name in files.values()}
@@ -125,51 +123,100 @@ def objects_from_coco(instances_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Question and answer files
+# Question and answer files, and the checks made before any work
 
-def load_questions(path):
-    """Read a POPE question file (JSON lines); errors name the file, the line and the question_id."""
-    questions = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
+def json_lines(path):
+    """[(line number, record)] of a JSON-lines file, read only: blank lines skipped, every other line a
+    JSON object, else an error naming the file and the line. The file is never changed (scoring must
+    not alter what it scores)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    records = []
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                                 f"{error.start + 1})") from None
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not a JSON line ({error.msg})") from None
-            missing = [key for key in ("question_id", "image", "text") if key not in record]
-            if missing:
-                raise ValueError(f"{path}:{line_number}: question_id {record.get('question_id')} lacks {missing}")
-            record["_line"] = line_number
-            questions.append(record)
+                raise ValueError(f"{path}:{line_number}: not a JSON line ({error.msg} at column {error.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: a JSON {type(record).__name__}, not an object (a record)")
+            records.append((line_number, record))
+    return records
+
+
+def load_questions(path, labelled=False):
+    """Read a POPE question file (JSON lines); errors name the file, the line and the question_id.
+    labelled: every question must carry its "label", yes or no (scoring needs it)."""
+    questions, lines = [], {}
+    for line_number, record in json_lines(path):
+        needed = ("question_id", "image", "text") + (("label",) if labelled else ())
+        missing = [key for key in needed if key not in record]
+        if missing:
+            raise ValueError(f"{path}:{line_number}: question_id {record.get('question_id')} lacks {missing}")
+        if labelled and record["label"] not in ("yes", "no"):
+            raise ValueError(f"{path}:{line_number}: question_id {record['question_id']}: label must be yes or no, "
+                             f"got {record['label']!r}")
+        if record["question_id"] in lines:
+            raise ValueError(f"{path}:{line_number}: question_id {record['question_id']} again (first on line "
+                             f"{lines[record['question_id']]})")
+        lines[record["question_id"]] = line_number
+        record["_line"] = line_number
+        questions.append(record)
     if not questions:
         raise ValueError(f"{path}: no questions in the file")
     return questions
 
 
 def read_answers(path):
-    """Answers in a JSON-lines file, read only: blank lines are skipped, a bad line is an error
-    naming the file and the line. The file is never changed (scoring must not alter what it scores)."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: no such answers file")
-    answers = []
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                answers.append(json.loads(raw))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not a JSON line ({error.msg})") from None
+    """The answers of a JSON-lines file: each an object with a question_id and a "text", one per
+    question_id; anything else is an error naming the file and the line. The file is never changed."""
+    answers, lines = [], {}
+    for line_number, record in json_lines(path):
+        if "question_id" not in record or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{line_number}: an answer needs a question_id and a \"text\" string, got keys "
+                             f"{sorted(record)}")
+        if record["question_id"] in lines:
+            raise ValueError(f"{path}:{line_number}: a second answer to question_id {record['question_id']} (the "
+                             f"first on line {lines[record['question_id']]})")
+        lines[record["question_id"]] = line_number
+        answers.append(record)
     return answers
 
 
-def resume_answers(path):
-    """The answers a resumed run keeps: read_answers, after cutting a torn final line (a crash mid-write
-    leaves one without its newline). Only the writer of the file, resuming it, may do that."""
+def first_difference(made, wanted):
+    """(setting, recorded value, wanted value) of the first setting in which two made_with records differ
+    (nested dicts looked into; in the order of `wanted`, then what only `made` has), or None."""
+    for key in list(wanted) + [k for k in made if k not in wanted]:
+        old, new = made.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = first_difference(old, new)
+            if inner:
+                return inner
+        elif old != new:
+            return key, old, new
+    return None
+
+
+def setting_name(key):
+    """How a refusal names a made_with setting: as its flag, or by what it fingerprints."""
+    names = {"questions": "the question file (its sha256)", "run": "the run's settings (their sha256, run.json)"}
+    return names.get(key, "--" + key.replace("_", "-"))
+
+
+def resume_records(path, made_with):
+    """The records a resumed run keeps from the JSON-lines file it appends to: all of them, after
+    cutting a torn final line (a crash mid-write leaves one without its newline; only the writer of
+    the file, resuming it, may cut it), each of which must have been made with `made_with` (its
+    "made_with" field); a record made otherwise is an error naming the setting and both values."""
     if not os.path.exists(path):
         return []
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder, not a JSON-lines file")
     with open(path, "rb") as f:
         data = f.read()
     if data and not data.endswith(b"\n"):
@@ -178,22 +225,91 @@ def resume_answers(path):
             f.truncate(keep)
         print(f"{path}: cut a torn last line ({len(data) - keep} bytes, no newline): a crash mid-write; "
               f"that line is made again", file=sys.stderr)
-    return read_answers(path)
+    records = []
+    for line_number, record in json_lines(path):
+        made = record.pop("made_with", None)
+        if made is None:
+            raise ValueError(f"{path}:{line_number}: the record does not say what it was made with (an older "
+                             f"version's file): delete the file, or write elsewhere")
+        difference = first_difference(made, made_with)
+        if difference:
+            key, old, new = difference
+            raise ValueError(f"{path}:{line_number}: made with {setting_name(key)} {old!r}, but this run has {new!r}: "
+                             f"rerun with the same settings, or write elsewhere (or delete the file)")
+        records.append(record)
+    return records
+
+
+def fingerprint(path):
+    """The sha256 of a file's bytes (its first 16 hex digits): which question file answers belong to."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def unreadable_images(paths, progress=False, desc="checking images"):
+    """[(path, why)] of the images that cannot be read: each is opened and decoded whole (JPEGs at 1/8
+    scale, which still reads every byte, so a truncated file shows), before any forward pass."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    bad = []
+    for path in tqdm(paths, desc=desc, disable=not progress):
+        try:
+            with Image.open(path) as image:
+                image.draft("RGB", (1, 1))  # a JPEG decodes at 1/8 scale: ~10x faster, every byte still read
+                image.load()
+        except (OSError, ValueError, SyntaxError) as error:  # PIL raises SyntaxError on some broken headers
+            bad.append((path, str(error)))
+    return bad
+
+
+def image_problem(questions, question_file, image_dir, progress=False):
+    """The first question whose image is missing or unreadable, as one sentence naming its line; None if all read."""
+    if not os.path.isdir(image_dir):
+        return f"{image_dir}: not a folder" if os.path.exists(image_dir) else f"{image_dir}: no such folder"
+    first = {}
+    for q in questions:
+        first.setdefault(q["image"], q)
+    absent = [q for name, q in first.items() if not os.path.isfile(os.path.join(image_dir, name))]
+    if absent:
+        return (f"{question_file}:{absent[0]['_line']}: image {absent[0]['image']} is not in {image_dir} "
+                f"({len(absent)} of the file's images are missing)")
+    bad = unreadable_images([os.path.join(image_dir, name) for name in first], progress, desc="checking POPE images")
+    if bad:
+        q = first[os.path.basename(bad[0][0])]
+        return f"{question_file}:{q['_line']}: cannot read image {bad[0][0]} ({bad[0][1]}; {len(bad)} unreadable)"
+    return None
+
+
+def out_of_range(flag, value, low=None, high=None, above=False, below=False):
+    """'flag must be ...' when a number is not finite or out of [low, high] (above / below: strictly), else None."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return f"{flag} must be a finite number, got {value}"
+    if low is not None and (value <= low if above else value < low):
+        return f"{flag} must be {'above' if above else 'at least'} {low}, got {value}"
+    if high is not None and (value >= high if below else value > high):
+        return f"{flag} must be {'below' if below else 'at most'} {high}, got {value}"
+    return None
+
+
+def output_problem(flag, path, folder):
+    """Why `path` cannot be written as an output folder (folder=True) or file, as one sentence; else None."""
+    if os.path.exists(path):
+        if folder != os.path.isdir(path):
+            return f"{flag} {path}: " + ("a file, not a folder" if folder else "a folder, not a file")
+        return None if os.access(path, os.W_OK) else f"{flag} {path}: not writable"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: cannot be made, {parent} is a file"
+    return None if os.access(parent, os.W_OK) else f"{flag} {path}: cannot be made, {parent} is not writable"
 
 
 # ---------------------------------------------------------------------------------------------
 # answer: POPE questions through decode.generate, resumably
-
-def _open_image(path, question_file, record):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{question_file}:{record['_line']}: question_id {record['question_id']}: "
-                         f"cannot read image {path} ({error})") from None
-
 
 DECODINGS = {"greedy": dict(), "sample": dict(sample=True), "vcd": dict(sample=True, contrast=True),
              "vcd-greedy": dict(contrast=True)}
@@ -204,21 +320,31 @@ def contrast_settings(options):
     return {"alpha": options.alpha, "beta": options.beta, "noise_step": options.noise_step}
 
 
+def answer_settings(question_file, decoding, seed, max_new_tokens, made_with=None, **decode_options):
+    """What an answers file records it was made with (each record's "made_with"): the caller's own
+    settings (made_with: the model, or train.py's run), the question file's sha256 and this call's
+    decoding settings. Appending to a file made otherwise is refused (resume_records)."""
+    return {"questions": fingerprint(question_file), "decoding": decoding, "seed": seed,
+            "max_new_tokens": max_new_tokens, **decode_options, **(made_with or {})}
+
+
 def answer_questions(model, processor, question_file, image_dir, out_path, decoding="greedy", batch_size=16,
-                     seed=0, max_new_tokens=8, progress=True, **decode_options):
+                     seed=0, max_new_tokens=8, progress=True, made_with=None, **decode_options):
     """Answer every question of `question_file`, appending JSON lines to `out_path` as they come.
 
-    Rerunning with the same `out_path` resumes after the last answer written. Returns the answers.
+    Rerunning with the same `out_path` and settings resumes after the last answer written; a file
+    made with other settings (answer_settings) is refused. Returns the answers.
     """
     from tqdm import tqdm
 
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {sorted(DECODINGS)}, got {decoding!r}")
     questions = load_questions(question_file)
+    settings = answer_settings(question_file, decoding, seed, max_new_tokens, made_with, **decode_options)
     # Under torchrun process 0 reads the file (cutting a torn last line) and writes it; every process
     # decodes a batch of each chunk of batch_size x processes questions, gathered in order.
     main = distributed.is_main()
-    answers = distributed.broadcast(resume_answers(out_path) if main else None)
+    answers = distributed.broadcast(resume_records(out_path, settings) if main else None)
     done = {a["question_id"] for a in answers}
     todo = [q for q in questions if q["question_id"] not in done]
     device = next(model.parameters()).device
@@ -226,16 +352,16 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"POPE {decoding}",
                disable=not progress)
     chunk_size = batch_size * distributed.world_size()
-    with open(out_path, "a") if main else contextlib.nullcontext() as out:
+    with open(out_path, "a") if main and todo else contextlib.nullcontext() as out:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
             first, stop = distributed.share(len(chunk), batch_size)
             records = []
             if first < stop:
                 mine = chunk[first:stop]
-                images = [_open_image(os.path.join(image_dir, q["image"]), question_file, q) for q in mine]
                 prompts = [q["text"] + PROMPT_SUFFIX for q in mine]
-                inputs = decode.prompt_batch(processor, images, prompts, device)
+                inputs = decode.prompt_batch(processor, [os.path.join(image_dir, q["image"]) for q in mine], prompts,
+                                             device)  # reads the images (an unreadable one is named)
                 generators = [decode.seeded_generator(seed, int(q["question_id"])) for q in mine]
                 ids = decode.generate(model, inputs, max_new_tokens, generators=generators,
                                       eos_token_id=processor.tokenizer.eos_token_id,
@@ -247,7 +373,7 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
             records = distributed.gather(records)
             answers += records
             if main:
-                out.write("".join(json.dumps(record) + "\n" for record in records))
+                out.write("".join(json.dumps({**record, "made_with": settings}) + "\n" for record in records))
                 out.flush()
                 os.fsync(out.fileno())  # a crash or Ctrl-C after this point loses nothing of this batch
             bar.update(len(chunk))
@@ -285,18 +411,28 @@ def score(predictions, labels):
 
 
 def score_files(question_file, answer_file):
-    """Match answers to questions by question_id (a missing or extra id is an error) and score them."""
-    labels = {q["question_id"]: q["label"] for q in load_questions(question_file)}
-    answers = {a["question_id"]: a["text"] for a in read_answers(answer_file)}
-    missing = sorted(set(labels) - set(answers))
-    extra = sorted(set(answers) - set(labels))
-    if missing:
-        raise ValueError(f"{answer_file}: no answer for question_id {missing[0]} of {question_file}"
-                         f" ({len(missing)} missing)")
-    if extra:
-        raise ValueError(f"{answer_file}: question_id {extra[0]} is not in {question_file} ({len(extra)} extra)")
-    ids = sorted(labels)
-    return score([parse_answer(answers[i]) for i in ids], [labels[i] for i in ids])
+    """Match answers to questions by question_id and score them. Refused: a missing or stray id, and
+    answers made for another question file (by the sha256 they record, and by their prompts)."""
+    questions = {q["question_id"]: q for q in load_questions(question_file, labelled=True)}
+    answers = {a["question_id"]: a for a in read_answers(answer_file)}
+    missing = sorted(set(questions) - set(answers), key=str)
+    extra = sorted(set(answers) - set(questions), key=str)
+    if missing or extra:
+        raise ValueError(f"{answer_file}: does not answer {question_file}: "
+                         + (f"no answer for question_id {missing[0]} ({len(missing)} missing)" if missing else "")
+                         + ("; " if missing and extra else "")
+                         + (f"question_id {extra[0]} is not a question there ({len(extra)} stray)" if extra else ""))
+    sha = fingerprint(question_file)
+    for i, a in answers.items():
+        made_for = a.get("made_with", {}).get("questions", sha)  # files from elsewhere record none
+        if made_for != sha:
+            raise ValueError(f"{answer_file}: made for a question file of sha256 {made_for}, not for {question_file} "
+                             f"({sha})")
+        if questions[i]["text"] not in a.get("prompt", questions[i]["text"]):
+            raise ValueError(f"{answer_file}: question_id {i} answers {a['prompt']!r}, but {question_file}:"
+                             f"{questions[i]['_line']} asks {questions[i]['text']!r}: another question file's answers")
+    ids = sorted(questions, key=str)
+    return score([parse_answer(answers[i]["text"]) for i in ids], [questions[i]["label"] for i in ids])
 
 
 def format_table(rows):
@@ -346,43 +482,115 @@ def main(argv=None):
     scorer.add_argument("--answers", nargs="+", required=True, help="answers files written by `answer`")
     scorer.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
+    command = {"build": build_command, "answer": answer_command, "score": score_command}[args.command]
+    try:
+        command(args)
+    except Refused as refusal:  # before any work: one line naming the flag, or the file and its line
+        parser.exit(2, f"{parser.prog} {args.command}: error: {refusal}\n")
 
-    if args.command == "build":
-        if args.objects:
-            with open(args.objects) as f:
-                objects = json.load(f)
-        else:
-            objects = objects_from_coco(args.coco)
-        os.makedirs(args.out, exist_ok=True)
-        for split in SPLITS:
-            path = os.path.join(args.out, f"{args.prefix}_pope_{split}.json")
-            records = build_questions(objects, split, per_image=args.per_image, seed=args.seed)
-            write_jsonl(records, path)
-            print(f"wrote {len(records)} questions to {path}")
-    elif args.command == "answer":
-        if not os.path.isfile(os.path.join(args.model, "config.json")):
-            parser.error(f"--model {args.model}: not a local checkpoint folder (no config.json; nothing is downloaded)")
-        dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
-                 "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-        model, processor = decode.load_model(args.model, args.device, dtype)
-        contrast = contrast_settings(args) if DECODINGS[args.decoding].get("contrast") else {}
-        answers = answer_questions(model, processor, args.questions, image_dir=args.images, out_path=args.out,
-                                   decoding=args.decoding,
-                                   batch_size=args.batch_size, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                                   **contrast)
-        print(f"{len(answers)} answers in {args.out}")
+
+class Refused(Exception):
+    """A bad flag or input file, found before any work."""
+
+
+def refuse_if(problem):
+    if problem:
+        raise Refused(problem)
+
+
+def read_json(path, flag):
+    """A JSON file, or a refusal naming the flag, the file and where it breaks."""
+    refuse_if(None if os.path.isfile(path) else f"{flag} {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        where = f":{error.lineno}:{error.colno}: {error.msg}" if isinstance(error, json.JSONDecodeError) else f": {error}"
+        raise Refused(f"{flag} {path}{where} (not a JSON file)") from None
+
+
+def build_command(args):
+    refuse_if(None if args.per_image >= 1 else f"--per-image must be at least 1, got {args.per_image}")
+    refuse_if(output_problem("--out", args.out, folder=True))
+    if args.objects:
+        objects = read_json(args.objects, "--objects")
+        if not isinstance(objects, dict) or not all(isinstance(v, list) and all(isinstance(o, str) for o in v)
+                                                    for v in objects.values()):
+            raise Refused(f"--objects {args.objects}: must map each image file name to a list of object names")
     else:
-        if len(args.questions) != len(args.answers):
-            parser.error("give one --questions file per --answers file")
+        coco = read_json(args.coco, "--coco")
+        if not isinstance(coco, dict) or not {"images", "annotations", "categories"} <= set(coco):
+            raise Refused(f"--coco {args.coco}: not a COCO instances file (needs images, annotations, categories)")
+        objects = objects_from_coco(coco)
+    splits = {split: build_questions(objects, split, per_image=args.per_image, seed=args.seed) for split in SPLITS}
+    refuse_if(None if splits["random"] else f"no image has {args.per_image} objects and {args.per_image} absent ones: "
+                                            f"no questions (a smaller --per-image?)")
+    os.makedirs(args.out, exist_ok=True)
+    for split, records in splits.items():
+        path = os.path.join(args.out, f"{args.prefix}_pope_{split}.json")
+        write_jsonl(records, path)
+        print(f"wrote {len(records)} questions to {path}")
+
+
+def answer_problem(args):
+    """The first thing wrong with `answer`'s flags and files, checked before the model loads; None if all is well."""
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        return f"--model {args.model}: not a local checkpoint folder (no config.json; nothing is downloaded)"
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            return f"{flag} must be at least 1, got {value}"
+    problem = (out_of_range("--alpha", args.alpha, low=0) or out_of_range("--beta", args.beta, 0, 1, above=True)
+               or out_of_range("--noise-step", args.noise_step, 0, purge.NUM_DIFFUSION_STEPS - 1))
+    if problem:
+        return problem
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        return f"--device {args.device}: no such device here (cpu, or cuda when there is one)"
+    try:
+        questions = load_questions(args.questions)
+    except ValueError as error:  # names the file and the line
+        return f"--questions {error}"
+    return (output_problem("--out", args.out, folder=False)
+            or image_problem(questions, args.questions, args.images))
+
+
+def answer_command(args):
+    refuse_if(answer_problem(args))
+    dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    contrast = contrast_settings(args) if DECODINGS[args.decoding].get("contrast") else {}
+    made_with = {"model": os.path.abspath(args.model), "dtype": str(dtype).removeprefix("torch.")}
+    settings = answer_settings(args.questions, args.decoding, args.seed, args.max_new_tokens, made_with, **contrast)
+    try:
+        done = resume_records(args.out, settings)  # a file made otherwise is refused before the model loads
+    except ValueError as error:
+        raise Refused(str(error)) from None
+    model, processor = decode.load_model(args.model, args.device, dtype)
+    try:
+        answers = answer_questions(model, processor, args.questions, image_dir=args.images, out_path=args.out,
+                                   decoding=args.decoding, batch_size=args.batch_size, seed=args.seed,
+                                   max_new_tokens=args.max_new_tokens, made_with=made_with, **contrast)
+    except KeyboardInterrupt:
+        kept = len(resume_records(args.out, settings)) if os.path.exists(args.out) else 0
+        sys.exit(f"stopped: {kept} answers kept in {args.out} ({len(done)} before this run); the same command "
+                 f"resumes after them")
+    print(f"{len(answers)} answers in {args.out}")
+
+
+def score_command(args):
+    refuse_if(None if len(args.questions) == len(args.answers) else "give one --questions file per --answers file")
+    refuse_if(output_problem("--json", args.json, folder=False) if args.json else None)
+    try:
         rows = {os.path.basename(a): score_files(q, a) for q, a in zip(args.questions, args.answers)}
-        print(format_table(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
+    except ValueError as error:  # names the file and the line, or the question_id
+        raise Refused(str(error)) from None
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError) as error:  # bad records name file and line; a missing file names itself
+    except (ValueError, OSError) as error:  # found during the work: names the file (and line) too
         sys.exit(f"error: {error}")

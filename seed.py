@@ -146,12 +146,12 @@ def mentioned_objects(text, object_names):
 
 
 def purified_answers(model, processor, images, prompts, batch_size, max_new_tokens, seed, alpha, beta, noise_step,
-                     progress, desc, kind="answer", done=(), path=None):
+                     progress, desc, kind="answer", done=(), path=None, made_with=None):
     """Greedy decoding on purify(clean, distorted) at every token: the teacher's answers, no labels read.
 
     prompts: [(image index, text)]. done: records of these prompts already made (from `path`, by a run
     that stopped); decoding continues after them. path: a JSON-lines file each new answer is appended
-    to as {"kind", "image", "prompt", "response"}, fsynced after every batch. Prompt i's noise comes
+    to as {"kind", "image", "prompt", "response", "made_with"}, fsynced after every batch. Prompt i's noise comes
     from seeded_generator(seed, i) whatever batch it falls in, so a resumed run gives the same answers.
     Under torchrun each process decodes one batch of every chunk of batch_size x processes prompts,
     the answers are gathered in order, and process 0 writes them.
@@ -185,8 +185,8 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
                                        suppress_token_ids=decode.placeholder_token_ids(model, processor))
             made = distributed.gather(made)  # the whole chunk, in order, on every process
             if out is not None:
-                out.write("".join(json.dumps({"kind": kind, "image": i, "prompt": text, "response": r}) + "\n"
-                                  for (i, text), r in zip(chunk, made)))
+                out.write("".join(json.dumps({"kind": kind, "image": i, "prompt": text, "response": r,
+                                              "made_with": made_with}) + "\n" for (i, text), r in zip(chunk, made)))
                 out.flush()
                 os.fsync(out.fileno())  # a crash after this point loses nothing of this batch
             responses += made
@@ -196,9 +196,10 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
     return responses
 
 
-def read_examples_log(path):
-    """The records a stopped make_examples left in `path` (a torn last line cut), each with its number."""
-    records = eval_pope.resume_answers(path)
+def read_examples_log(path, made_with):
+    """The records a stopped make_examples left in `path` (a torn last line cut), each with its number;
+    a record made with other settings than `made_with` is refused (eval_pope.resume_records)."""
+    records = eval_pope.resume_records(path, made_with)
     return [{**record, "_record": n} for n, record in enumerate(records, 1)]
 
 
@@ -234,22 +235,27 @@ def choose_probes(named, object_names, probes_per_image, rng):
 
 def make_examples(model, processor, images, object_names, probes_per_image=6, description="Describe the image.",
                   batch_size=32, max_new_tokens=24, seed=0, alpha=purge.ALPHA, beta=purge.BETA,
-                  noise_step=purge.NOISE_STEP, progress=True, path=None):
+                  noise_step=purge.NOISE_STEP, progress=True, path=None, made_with=None):
     """Prompts on unlabeled images, answered by the model itself with purified greedy decoding.
 
     images: file paths or PIL images (read a batch at a time). Each image gets one description prompt
     and `probes_per_image` yes/no probes chosen by `choose_probes` from what the descriptions name.
     path: a JSON-lines log of the answers as they are made (appended, fsynced per batch); the answers
     already in it are kept and decoding continues after them, so a run stopped mid-way and started
-    again makes the same examples as one that never stopped. Returns [{"image": index, "prompt": text,
-    "response": ids}].
+    again makes the same examples as one that never stopped. made_with: what else the log records it was
+    made with (train.py: the run's settings), beside this call's own; a log made otherwise is refused.
+    Returns [{"image": index, "prompt": text, "response": ids}].
     """
     rng = random.Random(seed)
     eos = processor.tokenizer.eos_token_id
+    made_with = {"seed": seed, "alpha": alpha, "beta": beta, "noise_step": noise_step, "description": description,
+                 "probes_per_image": probes_per_image, "max_new_tokens": max_new_tokens, "images": len(images),
+                 **(made_with or {})}
     # process 0 reads (and cuts a torn last line), every process continues from the same record
-    done = distributed.broadcast(read_examples_log(path) if distributed.is_main() else None) if path else []
+    done = (distributed.broadcast(read_examples_log(path, made_with) if distributed.is_main() else None)
+            if path else [])
     described = [(index, description) for index in range(len(images))]
-    contrast = dict(alpha=alpha, beta=beta, noise_step=noise_step, path=path)
+    contrast = dict(alpha=alpha, beta=beta, noise_step=noise_step, path=path, made_with=made_with)
     descriptions = purified_answers(model, processor, images, described, batch_size=batch_size,
                                     max_new_tokens=max_new_tokens, seed=seed, progress=progress, kind="description",
                                     done=done[:len(described)], desc="purified descriptions", **contrast)
@@ -302,7 +308,7 @@ def collate(examples, processor, images):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: adapter + optimiser + step, written atomically, no pickle
 
-def save_checkpoint(model, optimizer, path, round_index, step):
+def save_checkpoint(model, optimizer, path, round_index, step, made_with=None):
     from safetensors.torch import save_file
 
     tmp = path + ".tmp"
@@ -317,7 +323,7 @@ def save_checkpoint(model, optimizer, path, round_index, step):
                 scalars[f"{key}.{name}"] = float(value)
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
     with open(os.path.join(tmp, "progress.json"), "w") as f:
-        json.dump({"round": round_index, "step": step, "scalars": scalars}, f)
+        json.dump({"round": round_index, "step": step, "scalars": scalars, "made_with": made_with}, f)
     if os.path.exists(path):
         os.replace(path, path + ".old")  # rename is atomic; the old one is removed only after
     os.replace(tmp, path)
@@ -346,9 +352,16 @@ def load_checkpoint(model, optimizer, path):
     return progress["round"], progress["step"]
 
 
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json")
+
+
 def save_merged(model, processor, path):
-    """The merged model as an ordinary checkpoint: save_pretrained of the model and the processor into
-    <path>, loadable anywhere with AutoModelForImageTextToText / AutoProcessor.from_pretrained.
+    """The merged model as an ordinary checkpoint in <path>, loadable anywhere with
+    AutoModelForImageTextToText / AutoProcessor.from_pretrained: the weights by save_pretrained, and
+    the processor, which SEED leaves as it was, as the files of the folder the model came from
+    (byte for byte, the video processor's settings among them), else by processor.save_pretrained.
     Written into <path>.tmp and renamed, so a crash never leaves half a checkpoint under the name."""
     import shutil
 
@@ -357,7 +370,12 @@ def save_merged(model, processor, path):
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    source = getattr(model, "name_or_path", "") or ""
+    shipped = [n for n in PROCESSOR_FILES if os.path.isfile(os.path.join(source, n))]
+    for name in shipped:
+        shutil.copy(os.path.join(source, name), tmp)
+    if not shipped:
+        processor.save_pretrained(tmp)
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
@@ -429,12 +447,18 @@ def step_generator(seed, round_index, step):
     return decode.seeded_generator(seed, round_index * 10_007 + step)
 
 
-def resume_point(checkpoint):
-    """(round, step) to continue from, as the last checkpoint wrote them; (0, 0) without one."""
+def resume_point(checkpoint, made_with=None):
+    """(round, step) to continue from, as the last checkpoint wrote them; (0, 0) without one. A checkpoint
+    written with other settings than `made_with` is refused, naming the setting."""
     if not os.path.exists(os.path.join(checkpoint, "progress.json")):
         return 0, 0
     with open(os.path.join(checkpoint, "progress.json")) as f:
         saved = json.load(f)
+    difference = eval_pope.first_difference(saved.get("made_with") or {}, made_with or {})
+    if difference:
+        key, old, new = difference
+        raise ValueError(f"{checkpoint}: written with {eval_pope.setting_name(key)} {old!r}, this run has {new!r}: "
+                         f"resume with the same settings, or start elsewhere")
     return saved["round"], saved["step"]
 
 
@@ -446,7 +470,7 @@ def replay_round(model, round_dir):
         return {**json.load(f), "log": []}
 
 
-def finish_round(model, optimizer, round_dir, checkpoint, round_index, summary, write=True):
+def finish_round(model, optimizer, round_dir, checkpoint, round_index, summary, write=True, made_with=None):
     """Save the round's adapter (ours, and PEFT's format in <round_dir>/peft), its summary, mark the round
     done in the checkpoint, merge (METHOD.md 4). Round r's adapter applies to the model merged with
     rounds 0..r-1 (round 0's: to the base checkpoint). write=False (processes other than 0 under
@@ -457,5 +481,5 @@ def finish_round(model, optimizer, round_dir, checkpoint, round_index, summary, 
                                   base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None)
         with open(os.path.join(round_dir, "summary.json"), "w") as f:
             json.dump(summary, f)
-        save_checkpoint(model, optimizer, checkpoint, round_index=round_index + 1, step=0)
+        save_checkpoint(model, optimizer, checkpoint, round_index=round_index + 1, step=0, made_with=made_with)
     adapter.merge_adapter(model)  # the merged model is the next round's teacher

@@ -35,6 +35,7 @@ import torch
 
 import decode
 import eval_pope
+import purge
 
 # ---------------------------------------------------------------------------------------------
 # The world: classes, glyphs, frequencies, partners
@@ -608,12 +609,18 @@ if __name__ == "__main__":
     parser.add_argument("--noise-step", type=int, default=NOISE_STEP, help="diffusion step of the distortion (0..999)")
     parser.add_argument("--ship", action="store_true", help=f"pretrain the default world here and write it to {SHIPPED}")
     args = parser.parse_args()
+    if not 0 <= args.noise_step < purge.NUM_DIFFUSION_STEPS:  # before the model loads, in one line
+        parser.exit(2, f"{parser.prog}: error: --noise-step must be in 0..{purge.NUM_DIFFUSION_STEPS - 1}, "
+                       f"got {args.noise_step}\n")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     world_config = WorldConfig(world_seed=args.world_seed)
     if args.ship:
         if world_config != WorldConfig():
-            parser.error("--ship writes the default world only (no --world-seed)")
+            parser.exit(2, f"{parser.prog}: error: --ship writes the default world only (no --world-seed)\n")
+        print(f"--ship: pretraining the default world ({world_config.steps} steps, minutes on a CPU), then "
+              f"replacing {SHIPPED}/ (tracked by git: `git checkout {os.path.basename(SHIPPED)}` brings it back)",
+              flush=True)
         ship()
     path, world = build(world_config)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()

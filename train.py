@@ -85,7 +85,13 @@ class Config:
     sample_seeds: int = field(default=3, metadata={"help": "seeds for sampled decoding (mean and spread)"})
     eval_batch_size: int = field(default=64, metadata={"help": "questions per forward pass in evaluation"})
     checkpoint_every: int = field(default=50, metadata={"help": "write adapter + optimiser every N steps"})
-    resume: bool = field(default=False, metadata={"help": "continue from <out>/<run>/checkpoint and keep answers"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out (made with the same settings: "
+                                                        "refused otherwise), keeping its answers, examples and "
+                                                        "checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier run in --out (without it, and "
+                                                           "without --resume, such an --out is refused)"})
+    skip_unreadable: bool = field(default=False, metadata={"help": "leave unreadable files of --images out (and say "
+                                                                   "how many) instead of refusing to start"})
     out: str = field(default="out", metadata={"help": "where answers, adapters and results.json go"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when there is one)"})
     progress: bool = field(default=True, metadata={"help": "tqdm bars (--no-progress to silence them)"})
@@ -125,30 +131,77 @@ def image_names_in(folder):
     return sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg", ".png")))
 
 
+# Flags that change no answer, example or adapter: a resumed run may change them (the rest are content_settings)
+NOT_CONTENT = ("resume", "overwrite", "skip_unreadable", "out", "device", "progress", "dist_timeout",
+               "eval_batch_size", "checkpoint_every", "loss", "sample_seeds")
+PATH_FLAGS = ("model", "images", "pope", "pope_images", "objects")
+EARLIER_RUN = ("run.json", "results.json", "base", "vcd", "seed_forward", "seed_reverse")
+
+
+def content_settings(config):
+    """The settings a run's files are made with, as run.json records them (paths absolute)."""
+    settings = {k: v for k, v in vars(config).items() if k not in NOT_CONTENT}
+    return {k: os.path.abspath(v) if k in PATH_FLAGS and v else v for k, v in settings.items()}
+
+
 def check_config(args):
     """The first thing wrong with the flags or the paths they name, as one sentence; None if all is well."""
     at_least = {"pretrain_steps": 1, "rounds": 1, "steps": 1, "batch_size": 1, "rank": 1, "unlabeled": 1,
                 "probes_per_image": 0, "description_tokens": 1, "eval_images": 1, "sample_seeds": 1,
-                "eval_batch_size": 1, "checkpoint_every": 0}
+                "eval_batch_size": 1, "checkpoint_every": 0, "dist_timeout": 1}
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}"
     processes = distributed.launched_processes()
     if args.batch_size < processes:
         return f"--batch-size {args.batch_size} is the global batch: at least one row per process ({processes})"
-    if args.dist_timeout < 1:
-        return f"--dist-timeout must be at least 1 minute, got {args.dist_timeout}"
-    if not 0 <= args.noise_step < purge.NUM_DIFFUSION_STEPS:
-        return f"--noise-step must be in 0..{purge.NUM_DIFFUSION_STEPS - 1}, got {args.noise_step}"
-    if args.alpha < 0 or not 0 < args.beta <= 1 or not 0 < args.void_eps < 1 or args.lr <= 0:
-        return (f"need --alpha >= 0, 0 < --beta <= 1, 0 < --void-eps < 1 and --lr > 0; got {args.alpha}, "
-                f"{args.beta}, {args.void_eps}, {args.lr}")
+    problem = (eval_pope.out_of_range("--noise-step", args.noise_step, 0, purge.NUM_DIFFUSION_STEPS - 1)
+               or eval_pope.out_of_range("--alpha", args.alpha, low=0)
+               or eval_pope.out_of_range("--beta", args.beta, 0, 1, above=True)
+               or eval_pope.out_of_range("--void-eps", args.void_eps, 0, 1, above=True, below=True)
+               or eval_pope.out_of_range("--lr", args.lr, low=0, above=True)
+               or eval_pope.out_of_range("--adapter-alpha", args.adapter_alpha, low=0, above=True)
+               or eval_pope.output_problem("--out", args.out, folder=True))
+    if problem:
+        return problem
     if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         return f"--device {args.device}: no such device here (cpu, cuda when there is one, or auto)"
-    if args.objects and not os.path.isfile(args.objects):
-        return f"--objects {args.objects}: no such file"
-    if args.model is None:
-        return None
+    if args.resume and args.overwrite:
+        return "--resume continues the run in --out, --overwrite replaces it: give one"
+    return (check_model_flags(args) or earlier_run_problem(args)) if args.model else (
+        toy_world_flags_problem(args) or earlier_run_problem(args))
+
+
+def toy_world_flags_problem(args):
+    given = [f"--{name.replace('_', '-')}" for name in ("images", "pope", "pope_images", "objects") if getattr(args, name)]
+    if given:
+        return f"{given[0]} is for a real run (--model); the toy world brings its own images, questions and objects"
+    return None
+
+
+def earlier_run_problem(args):
+    """Why the run may not start in --out: an earlier run there that --resume would mix with other settings,
+    or one that a fresh run would replace without --overwrite."""
+    run_file = os.path.join(args.out, "run.json")
+    earlier = [n for n in EARLIER_RUN if os.path.exists(os.path.join(args.out, n))]
+    if args.resume and earlier:
+        if not os.path.isfile(run_file):
+            return f"--resume: {args.out} holds a run that does not say what it was made with (no run.json)"
+        with open(run_file) as f:
+            recorded = json.load(f)["settings"]
+        difference = eval_pope.first_difference(recorded, content_settings(args))
+        if difference:
+            flag, old, new = difference
+            return (f"--resume: {args.out} was made with --{flag.replace('_', '-')} {old}, this run has {new}: give "
+                    f"the same flags, or another --out")
+    if earlier and not args.resume and not args.overwrite:
+        return (f"--out {args.out} holds an earlier run ({', '.join(earlier)}): --resume continues it, --overwrite "
+                f"replaces it, or choose another --out")
+    return None
+
+
+def check_model_flags(args):
+    """A real run's flags and files (--model, --images, --pope, --pope-images, --objects)."""
     if not (args.images and args.pope and args.pope_images):
         return "--model needs --images, --pope and --pope-images (no data is downloaded)"
     if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -156,9 +209,11 @@ def check_config(args):
     if not any(os.path.isfile(os.path.join(args.model, n)) for n in ("processor_config.json",
                                                                       "preprocessor_config.json")):
         return f"--model {args.model}: no processor in the folder (processor_config.json or preprocessor_config.json)"
+    if args.objects and not os.path.isfile(args.objects):
+        return f"--objects {args.objects}: no such file"
     for flag, folder in (("--images", args.images), ("--pope", args.pope), ("--pope-images", args.pope_images)):
         if not os.path.isdir(folder):
-            return f"{flag} {folder}: no such folder"
+            return f"{flag} {folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder")
     if not image_names_in(args.images):
         return f"--images {args.images}: no .jpg, .jpeg or .png files"
     pope_files = pope_files_in(args.pope)
@@ -168,19 +223,56 @@ def check_config(args):
     test_images = set()
     for path in pope_files.values():
         try:
-            questions = eval_pope.load_questions(path)
+            questions = eval_pope.load_questions(path, labelled=True)
         except ValueError as error:  # already names the file and the line
             return str(error)
-        absent = [q for q in questions if not os.path.isfile(os.path.join(args.pope_images, q["image"]))]
-        if absent:
-            return (f"{path}:{absent[0]['_line']}: image {absent[0]['image']} is not in --pope-images "
-                    f"{args.pope_images} ({len(absent)} of the file's questions lack their image)")
+        problem = eval_pope.image_problem(questions, path, args.pope_images)  # quietly: one line if it fails
+        if problem:  # missing or unreadable, with the question file's line
+            return problem.replace(f" is not in {args.pope_images} ", f" is not in --pope-images {args.pope_images} ")
         test_images |= {q["image"] for q in questions}
     overlap = sorted(test_images & set(image_names_in(args.images)))
     if overlap:  # SEED would train on the very photos POPE tests on
         return (f"--images {args.images}: {len(overlap)} of its files are POPE test images ({overlap[0]}, ...): "
                 f"SEED would train on the test set; take them out of --images")
     return None
+
+
+def run_fingerprint(config):
+    """The run's content settings in 16 hex digits: what its answers files record (run.json has them all)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(content_settings(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def start_run(config):
+    """--out for this run: an earlier run in it removed (--overwrite, said aloud; check_config refused it
+    otherwise), and run.json written with the settings a --resume must match."""
+    if config.overwrite:
+        earlier = [n for n in EARLIER_RUN if os.path.exists(os.path.join(config.out, n))]
+        if earlier:
+            print(f"--overwrite: replacing the earlier run in {config.out} ({', '.join(earlier)})")
+        for name in earlier:
+            path = os.path.join(config.out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(config.out, exist_ok=True)
+    tmp = os.path.join(config.out, "run.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"settings": content_settings(config)}, f, indent=1)
+    os.replace(tmp, os.path.join(config.out, "run.json"))
+
+
+def readable_images(config):
+    """The --images files, each checked readable before the first forward pass: an unreadable one stops
+    the run in one line naming it (or, with --skip-unreadable, is left out and counted)."""
+    paths = [os.path.join(config.images, n) for n in image_names_in(config.images)]
+    bad = eval_pope.unreadable_images(paths, progress=config.progress, desc="checking --images")
+    if bad and not config.skip_unreadable:
+        raise SystemExit(f"train.py: error: --images: cannot read {bad[0][0]} ({bad[0][1]}); {len(bad)} of "
+                         f"{len(paths)} files unreadable: remove them, or --skip-unreadable to leave them out")
+    if bad:
+        print(f"--skip-unreadable: left out {len(bad)} of {len(paths)} --images files ({bad[0][0]}, ...)")
+        paths = [p for p in paths if p not in {b for b, _ in bad}]
+    return paths
 
 
 def self_evolve(model, processor, images, object_names, out_dir, config, divergence, description,
@@ -199,7 +291,8 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
     contrast = eval_pope.contrast_settings(config)  # the teacher's alpha, beta and noise step (METHOD.md 1-2)
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    start_round, start_step = seed.resume_point(checkpoint) if config.resume else (0, 0)
+    made_with = {"run": run_fingerprint(config), "divergence": divergence}  # recorded by every file it appends to
+    start_round, start_step = seed.resume_point(checkpoint, made_with) if config.resume else (0, 0)
     history = []
     for round_index in range(config.rounds):
         round_dir = os.path.join(out_dir, f"round{round_index}")
@@ -211,11 +304,10 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
         examples_log = os.path.join(round_dir, "examples.jsonl")  # appended as made: --resume continues it
         if distributed.is_main():
             os.makedirs(round_dir, exist_ok=True)
-            if not config.resume and os.path.exists(examples_log):
-                os.remove(examples_log)  # a fresh run makes its own
         distributed.barrier()
         with autocast:
             examples = seed.make_examples(model, processor, images, object_names, path=examples_log,
+                                          made_with={**made_with, "round": round_index},
                                           probes_per_image=config.probes_per_image, description=description,
                                           batch_size=config.batch_size, max_new_tokens=config.description_tokens,
                                           seed=config.seed + round_index, progress=config.progress, **contrast)
@@ -256,14 +348,15 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
             bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
             if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps
                     and distributed.is_main()):
-                seed.save_checkpoint(model, optimizer, checkpoint, round_index=round_index, step=step + 1)
+                seed.save_checkpoint(model, optimizer, checkpoint, round_index=round_index, step=step + 1,
+                                     made_with=made_with)
         with autocast:
             void_at_end = seed.held_out_void_mass(model, processor, images, held_out, batch_size=config.batch_size,
                                                   seed=config.seed, **contrast)
         summary = {"round": round_index, "examples": len(examples), "void_mass_at_start": void_at_start,
                    "void_mass": void_at_end}
         seed.finish_round(model, optimizer, round_dir=round_dir, checkpoint=checkpoint, round_index=round_index,
-                          summary=summary, write=distributed.is_main())  # save (process 0), then merge
+                          summary=summary, write=distributed.is_main(), made_with=made_with)  # save (process 0), then merge
         distributed.barrier()
         history.append({**summary, "log": log})
     return model, history
@@ -272,7 +365,7 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
 def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decodings=("greedy", "sample"),
              contrast=False):
     """POPE metrics: {decoding: {split: metrics}}; sampled decodings are the mean over seeds, with f1_std.
-    Answer files already in answers_dir are resumed, never deleted (main clears them for a fresh run)."""
+    Answer files already in answers_dir are resumed (made with the same run's settings: refused otherwise)."""
     results = {}
     for decoding in decodings:
         name = ("vcd-greedy" if decoding == "greedy" else "vcd") if contrast else decoding
@@ -284,6 +377,7 @@ def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decod
                 path = os.path.join(answers_dir, f"{name}_{split}_seed{s}.jsonl")  # resumed if it exists
                 # VCD contrasts with the flags' alpha, beta and noise step, the same contrast as SEED's teacher
                 eval_pope.answer_questions(model, processor, question_file, image_dir=image_dir, out_path=path,
+                                           made_with={"run": run_fingerprint(config)},
                                            decoding=name, batch_size=config.eval_batch_size, seed=s, max_new_tokens=4,
                                            progress=config.progress,
                                            **(eval_pope.contrast_settings(config) if contrast else {}))
@@ -373,7 +467,9 @@ def main(argv=None):
     # float32 on the CPU, where bf16 is slow and the toy model is tiny.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    os.makedirs(config.out, exist_ok=True)
+    if main_process:
+        start_run(config)  # --out: the earlier run replaced (--overwrite), this run's settings recorded
+    distributed.barrier()
 
     # ---- data and base model -------------------------------------------------------------------
     caption_set = None
@@ -395,7 +491,7 @@ def main(argv=None):
         model_path, image_dir = config.model, config.pope_images
         pope_files = pope_files_in(config.pope)
         # Paths, not pixels: each batch reads its own images (83k COCO photos as PIL images would be tens of GB)
-        unlabeled = [os.path.join(config.images, n) for n in image_names_in(config.images)]
+        unlabeled = readable_images(config)
         object_names = (open(config.objects).read().split("\n") if config.objects else list(COCO_OBJECTS))
         object_names = [n.strip() for n in object_names if n.strip()]
         description = "Describe this image in detail."
@@ -418,9 +514,6 @@ def main(argv=None):
 
     def measure(method, model, processor, contrast=False):
         answers_dir = os.path.join(config.out, method, "answers")
-        if not config.resume and main_process:  # a fresh run starts from no answers; --resume continues them
-            shutil.rmtree(answers_dir, ignore_errors=True)
-        distributed.barrier()
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             pope = evaluate(model, processor, pope_files, image_dir=image_dir, answers_dir=answers_dir, config=config,
                             contrast=contrast)
@@ -582,4 +675,12 @@ def format_results(results, splits):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # what was written is kept: answers and examples per batch, the checkpoint
+        import sys
+
+        argv = [a for a in sys.argv[1:] if a != "--overwrite"]
+        sys.exit("\nstopped: the answers and examples written so far, and the last checkpoint (every "
+                 "--checkpoint-every steps), are kept in --out; to continue: python train.py "
+                 + " ".join(argv + ([] if "--resume" in argv else ["--resume"])))

@@ -73,20 +73,36 @@ def test_a_resumed_two_process_run_redoes_nothing_and_ends_the_same(runs):
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps  # the finished round was replayed, not rewritten
 
 
+FAILING_PROCESS = """# train.py, but its second process fails when it reads one photo (the fault is injected,
+# since train.py itself reads every photo once before it starts)
+import os, sys
+sys.path.insert(0, {root!r})
+import decode, train
+real_open_image = decode.open_image
+def open_image(image):
+    if os.environ["RANK"] == "1" and str(image).endswith({broken!r}):
+        raise ValueError(f"{{image}}: cannot read the image (injected)")
+    return real_open_image(image)
+decode.open_image = open_image
+train.main(sys.argv[1:])
+"""
+
+
 def test_a_process_that_fails_takes_the_job_down_with_its_message(tmp_path):
-    """A photo that cannot be read, in the second process's share: the job ends (no hang) and says why."""
+    """A photo that the second process cannot read, in its share: the job ends (no hang) and says why."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import replica
 
     paths = replica.build(str(tmp_path), unlabeled=4, pope_images=2, questions_per_image=2)
     broken = sorted(os.listdir(paths["train2014"]))[3]  # the last of the first chunk: process 1 decodes it
-    (tmp_path / "train2014" / broken).write_bytes(b"not a jpeg")
+    script = tmp_path / "failing_train.py"
+    script.write_text(FAILING_PROCESS.format(root=ROOT, broken=broken))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", "--model", paths["llava-1.5-7b-replica"], "--images", paths["train2014"],
+                           str(script), "--model", paths["llava-1.5-7b-replica"], "--images", paths["train2014"],
                            "--pope", paths["pope"], "--pope-images", paths["val2014"], "--out", str(tmp_path / "out"),
                            "--loss", "reverse", "--steps", "1", "--batch-size", "2", "--probes-per-image", "1",
                            "--description-tokens", "2", "--sample-seeds", "1", "--no-progress", "--dist-timeout", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
-    assert f"{broken}: cannot read the image" in done.stderr
+    assert f"{broken}: cannot read the image (injected)" in done.stderr

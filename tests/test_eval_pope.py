@@ -144,7 +144,7 @@ def test_score_files_names_missing_and_extra_ids(tmp_path):
     with pytest.raises(ValueError, match="no answer for question_id 3"):
         eval_pope.score_files(tmp_path / "q.json", tmp_path / "a.jsonl")
     eval_pope.write_jsonl([{"question_id": i, "text": "Yes"} for i in (1, 2, 3, 9)], tmp_path / "a.jsonl")
-    with pytest.raises(ValueError, match="question_id 9 is not in"):
+    with pytest.raises(ValueError, match="question_id 9 is not a question there"):
         eval_pope.score_files(tmp_path / "q.json", tmp_path / "a.jsonl")
 
 
@@ -205,7 +205,7 @@ def test_a_missing_image_names_file_line_and_question(llava, processor, question
     questions = eval_pope.load_questions(files["random"])
     os.remove(os.path.join(images, questions[-1]["image"]))  # the last image: earlier batches succeed
     out = str(tmp_path / "a.jsonl")
-    with pytest.raises(ValueError, match=rf"toy_pope_random.json:\d+: question_id \d+: cannot read image"):
+    with pytest.raises(ValueError, match=rf"{questions[-1]['image']}: cannot read the image"):
         eval_pope.answer_questions(llava, processor, files["random"], images, out, "greedy", batch_size=2,
                                    max_new_tokens=2, progress=False)
     assert len(open(out).read().splitlines()) >= 2  # the batches answered before the error are kept
@@ -247,11 +247,15 @@ def test_cli_answer_passes_the_contrast_flags_to_vcd_decoding(llava, processor, 
 # ---------------------------------------------------------------------------------------------
 # Reading answers for a score never changes the file; only a resuming writer cuts a torn last line
 
+MADE_WITH = {"decoding": "greedy"}
+
+
 def sixty_answers(tmp_path):
     questions = [{"question_id": i, "image": "x.png", "text": "Is there a cat in the image?",
                   "label": "yes" if i % 2 else "no"} for i in range(1, 61)]
     eval_pope.write_jsonl(questions, tmp_path / "q.json")
-    lines = [json.dumps({"question_id": i, "text": "Yes" if i % 3 else "No"}) + "\n" for i in range(1, 61)]
+    lines = [json.dumps({"question_id": i, "text": "Yes" if i % 3 else "No", "made_with": MADE_WITH}) + "\n"
+             for i in range(1, 61)]
     return str(tmp_path / "q.json"), lines
 
 
@@ -276,9 +280,9 @@ def test_a_bad_answer_line_is_an_error_naming_file_and_line_and_changes_nothing(
     with pytest.raises(ValueError, match=r"a.jsonl:6: not a JSON line"):
         eval_pope.score_files(questions, str(path))
     with pytest.raises(ValueError, match=r"a.jsonl:6: not a JSON line"):
-        eval_pope.resume_answers(str(path))  # not a torn *final* line: the writer does not cut it either
+        eval_pope.resume_records(str(path), MADE_WITH)  # not a torn *final* line: the writer does not cut it either
     assert path.read_text() == text
-    with pytest.raises(ValueError, match=r"missing.jsonl: no such answers file"):
+    with pytest.raises(ValueError, match=r"missing.jsonl: no such file"):
         eval_pope.score_files(questions, str(tmp_path / "missing.jsonl"))
 
 
@@ -286,7 +290,7 @@ def test_resuming_cuts_only_a_torn_final_line_and_says_so(tmp_path, capsys):
     _, lines = sixty_answers(tmp_path)
     path = tmp_path / "a.jsonl"
     path.write_text("".join(lines[:7]) + "\n" + lines[7][:12])  # a blank line, then a crash mid-write
-    answers = eval_pope.resume_answers(str(path))
+    answers = eval_pope.resume_records(str(path), MADE_WITH)
     assert [a["question_id"] for a in answers] == list(range(1, 8))
     assert path.read_text() == "".join(lines[:7]) + "\n"  # the blank line stays, the torn line goes
     assert "cut a torn last line" in capsys.readouterr().err

@@ -97,3 +97,51 @@ def test_a_finished_real_run_resumes_without_redoing_anything(real_run, monkeypa
         assert again[method]["greedy"] == results[method]["greedy"]
     # The only decoding left: the answer-cost timing, 21 rounds of the three rows (it is measured anew)
     assert len(calls) == 21 * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# InternVL and Qwen2.5-VL checkpoint folders as the hub ships them, loaded by the project's own install
+
+HUB_FOLDERS = {"InternVL3-1B-hf": replica.internvl3_hf_folder, "Qwen2.5-VL-7B-Instruct": replica.qwen2_5_vl_folder}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_FOLDERS))
+def test_hub_laid_out_folders_load_answer_pope_and_train(tmp_path, name):
+    """Every file the hub repository ships (InternVL's video_preprocessor_config.json; Qwen's none, which
+    transformers fills in): load_model builds the image path without torchvision, then eval_pope.py
+    answer and train.py --model run on the folder, as a user runs them."""
+    import subprocess
+    import sys
+
+    import decode
+
+    paths = replica.build(str(tmp_path), unlabeled=3, pope_images=2, questions_per_image=2)
+    folder = HUB_FOLDERS[name](str(tmp_path / name))
+    model, processor = decode.load_model(folder)
+    expected = {"InternVL3-1B-hf": "InternVLProcessor", "Qwen2.5-VL-7B-Instruct": "Qwen2_5_VLProcessor"}[name]
+    assert expected in [cls.__name__ for cls in type(processor).__mro__]
+    assert type(processor.image_processor).__name__.endswith("Pil")  # the PIL backend: no torchvision needed
+    assert processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id) == processor.image_token
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    question_file = os.path.join(paths["pope"], "coco_pope_random.json")
+    answer = subprocess.run([sys.executable, "eval_pope.py", "answer", "--model", folder, "--questions", question_file,
+                             "--images", paths["val2014"], "--out", str(tmp_path / "answers.jsonl"), "--device", "cpu",
+                             "--decoding", "vcd-greedy", "--max-new-tokens", "2"],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert len(open(tmp_path / "answers.jsonl").read().splitlines()) == 4
+    train = subprocess.run([sys.executable, "train.py", "--model", folder, "--images", paths["train2014"],
+                            "--pope", paths["pope"], "--pope-images", paths["val2014"], "--out", str(tmp_path / "out"),
+                            "--loss", "reverse", "--steps", "1", "--batch-size", "2", "--probes-per-image", "1",
+                            "--description-tokens", "2", "--sample-seeds", "1", "--no-progress"],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-2000:]
+    results = json.load(open(tmp_path / "out" / "results.json"))
+    assert list(results["seed_reverse"]["greedy"]) == ["random", "popular", "adversarial"]
+    merged = str(tmp_path / "out" / "seed_reverse" / "merged")
+    assert (os.path.isfile(os.path.join(merged, "video_preprocessor_config.json"))
+            == os.path.isfile(os.path.join(folder, "video_preprocessor_config.json")))  # carried over as it was
+    reloaded, reprocessor = decode.load_model(merged)
+    assert decode.chat_prompt(reprocessor, "Is there a cat?") == decode.chat_prompt(processor, "Is there a cat?")

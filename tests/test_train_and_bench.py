@@ -1,6 +1,7 @@
 """End to end: `python train.py` and `python bench.py` at their smallest sizes, as a user runs them."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -156,37 +157,49 @@ def real_run_flags(tmp_path):
         (tmp_path / folder).mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "model" / "processor_config.json").write_text("{}")
-    (tmp_path / "images" / "a.jpg").write_bytes(b"")
-    (tmp_path / "val" / "v.jpg").write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "v.jpg")
     for split in ("random", "popular", "adversarial"):
         (tmp_path / "pope" / f"coco_pope_{split}.json").write_text(
             '{"question_id": 1, "image": "v.jpg", "text": "Is there a cat in the image?", "label": "yes"}\n')
     return ["--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"), "--pope", str(tmp_path / "pope"),
-            "--pope-images", str(tmp_path / "val")]
+            "--pope-images", str(tmp_path / "val"), "--out", str(tmp_path / "out"), "--no-progress"]
 
 
 def test_noise_step_defaults_to_the_toy_worlds_or_vcds(tmp_path):
     import toyworld
     import train
 
-    assert train.parse_config([]).noise_step == toyworld.NOISE_STEP == 700
+    out = ["--out", str(tmp_path / "toy")]
+    assert train.parse_config(out).noise_step == toyworld.NOISE_STEP == 700
     real = real_run_flags(tmp_path)
     assert train.parse_config(real).noise_step == 500  # VCD's, on a real checkpoint
     assert train.parse_config(real + ["--noise-step", "650"]).noise_step == 650
-    assert train.parse_config(["--noise-step", "400"]).noise_step == 400
+    assert train.parse_config(out + ["--noise-step", "400"]).noise_step == 400
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--steps", "-3"], "--steps must be at least 1, got -3"),
-    (["--noise-step", "5000"], "--noise-step must be in 0..999, got 5000"),
-    (["--beta", "0"], "0 < --beta <= 1"),
-    (["--objects", "/nonexistent/names.txt"], "--objects /nonexistent/names.txt: no such file"),
+    (["--noise-step", "5000"], "--noise-step must be at most 999, got 5000"),
+    (["--beta", "0"], "--beta must be above 0, got 0.0"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--alpha", "inf"], "--alpha must be a finite number, got inf"),
+    (["--alpha", "nan"], "--alpha must be a finite number, got nan"),
+    (["--adapter-alpha", "-5"], "--adapter-alpha must be above 0, got -5.0"),
+    (["--adapter-alpha", "nan"], "--adapter-alpha must be a finite number, got nan"),
+    (["--void-eps", "1"], "--void-eps must be below 1, got 1.0"),
+    (["--objects", "/nonexistent/names.txt"], "--objects is for a real run (--model)"),
+    (["--images", "/data/coco"], "--images is for a real run (--model)"),
+    (["--pope", "/data/pope"], "--pope is for a real run (--model)"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite replaces it: give one"),
 ])
-def test_bad_flags_are_refused_in_one_line_before_any_work(flags, message, capsys):
+def test_bad_flags_are_refused_in_one_line_before_any_work(flags, message, capsys, tmp_path):
     import train
 
     with pytest.raises(SystemExit) as exit_:
-        train.parse_config(flags)
+        train.parse_config(flags + ["--out", str(tmp_path / "out")])
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and message in error and error.count("\n") == 1
 
@@ -198,8 +211,17 @@ def test_bad_flags_are_refused_in_one_line_before_any_work(flags, message, capsy
     (lambda t: (t / "pope" / "coco_pope_popular.json").unlink(), "no *_pope_popular.json"),
     (lambda t: (t / "images" / "a.jpg").unlink(), "no .jpg, .jpeg or .png files"),
     (lambda t: (t / "val" / "v.jpg").unlink(), "coco_pope_random.json:1: image v.jpg is not in --pope-images"),
+    (lambda t: (t / "val" / "v.jpg").write_bytes(b"not a jpeg"), "coco_pope_random.json:1: cannot read image"),
+    (lambda t: shutil.rmtree(t / "pope") or (t / "pope").write_text(""), "--pope {t}/pope: not a folder"),
+    (lambda t: (t / "pope" / "coco_pope_random.json").write_bytes(
+        b'{"question_id": 1, "image": "v.jpg", "text": "Is there a \xff in the image?", "label": "yes"}\n'),
+     "coco_pope_random.json:1: not UTF-8 text (byte 0xff at column 58)"),
+    (lambda t: (t / "pope" / "coco_pope_random.json").write_text(
+        '{"question_id": 1, "image": "v.jpg", "text": "Is there a cat in the image?"}\n'),
+     "coco_pope_random.json:1: question_id 1 lacks ['label']"),
+    (lambda t: (t / "out").write_text(""), "--out {t}/out: a file, not a folder"),
     (lambda t: (t / "pope" / "coco_pope_popular.json").write_text('{"image": "v.jpg"}\n'),
-     "coco_pope_popular.json:1: question_id None lacks ['question_id', 'text']"),
+     "coco_pope_popular.json:1: question_id None lacks ['question_id', 'text', 'label']"),
     (lambda t: (t / "images" / "v.jpg").write_bytes(b""), "1 of its files are POPE test images (v.jpg, ...): SEED "
                                                           "would train on the test set"),
 ])
@@ -211,6 +233,7 @@ def test_a_real_runs_paths_are_checked_before_any_work(tmp_path, capsys, break_i
     if message is None:
         assert train.parse_config(flags).model == str(tmp_path / "model")
         return
+    message = message.format(t=tmp_path)
     with pytest.raises(SystemExit):
         train.parse_config(flags)
     error = capsys.readouterr().err
