@@ -131,12 +131,16 @@ def unsupported_batch(inputs):
 @torch.no_grad()
 def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, generators=None,
              temperature=1.0, top_p=1.0, alpha=purge.ALPHA, beta=purge.BETA, noise_step=purge.NOISE_STEP,
-             eos_token_id=None, suppress_token_ids=()):
+             eos_token_id=None, suppress_token_ids=(), record=False):
     """Decode a left-padded batch from the processor; returns a list of generated token-id lists.
 
     contrast=True is VCD decoding: a second pass on the distorted image at every token, and the
     next token is chosen from purge.purify(clean, distorted) instead of the clean logits.
     The image placeholders (placeholder_token_ids(model), plus suppress_token_ids) are never emitted.
+    record=True also returns, per row, the distribution each token was chosen from, exactly sparse
+    under the contrast: [(kept token ids, their purified logits)] at every position of the row's
+    answer plus its end token (the end token appended where decoding stopped at the length limit
+    too, one more pass computing what follows the last token): (generated, recorded).
     """
     refused = unsupported_batch(inputs)
     if refused:
@@ -159,19 +163,29 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
     outputs = [model(input_ids=inputs["input_ids"], attention_mask=attention_mask, position_ids=positions,
                      pixel_values=pixels, use_cache=True, **extra) for pixels in streams]
     finished = torch.zeros(batch, dtype=torch.bool, device=attention_mask.device)
-    tokens = []
-    for _ in range(max_new_tokens):
+    tokens, recorded = [], [[] for _ in range(batch)]
+    for step in range(max_new_tokens + record):
         # Suppressed on the clean logits, before the plausibility cut, so the cut is taken among the
         # tokens that may be emitted (-inf minus a finite distorted logit stays -inf).
         logits = outputs[0].logits[:, -1].float().index_fill(-1, suppressed, float("-inf"))
         if contrast:
             logits = purge.purify(logits, outputs[1].logits[:, -1], alpha, beta)
+        if record:  # the kept tokens of each row still answering (the voids are everything else)
+            rows, ids = torch.isfinite(logits).nonzero(as_tuple=True)  # row-major: each row's ids in a run
+            counts = torch.bincount(rows, minlength=batch).tolist()
+            done = finished.tolist()
+            kept_ids, kept_logits = ids.cpu().split(counts), logits[rows, ids].cpu().split(counts)
+            for row in range(batch):
+                if not done[row]:
+                    recorded[row].append((kept_ids[row], kept_logits[row]))
+            if step == max_new_tokens:  # only what follows the last token, at the end token appended
+                break
         next_token = _sample_next(logits, generators, temperature, top_p) if sample else logits.argmax(-1)
         if eos_token_id is not None:
             next_token = next_token.masked_fill(finished, eos_token_id)
             finished |= next_token == eos_token_id
         tokens.append(next_token)
-        if bool(finished.all()):
+        if bool(finished.all()) or (step == max_new_tokens - 1 and not record):  # no pass whose logits go unread
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
         positions = positions[..., -1:] + 1  # every row of M-RoPE's too: text after the image advances all three
@@ -180,7 +194,7 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
     generated = torch.stack(tokens, dim=1).tolist()
     if eos_token_id is not None:  # cut each row at its first end-of-sequence token
         generated = [row[:row.index(eos_token_id)] if eos_token_id in row else row for row in generated]
-    return generated
+    return (generated, recorded) if record else generated
 
 
 def open_image(image):

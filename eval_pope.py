@@ -142,7 +142,8 @@ def json_lines(path):
                 raise ValueError(f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
                                  f"{error.start + 1})") from None
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not a JSON line ({error.msg} at column {error.colno})") from None
+                raise ValueError(f"{path}:{line_number}: not a JSON line ({error.msg} at column "
+                                 f"{error.colno})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{line_number}: a JSON {type(record).__name__}, not an object (a record)")
             records.append((line_number, record))
@@ -152,8 +153,8 @@ def json_lines(path):
 def load_questions(path, labelled=False):
     """Read a POPE question file (JSON lines); errors name the file, the line and the question_id.
     labelled: every question must carry its "label", yes or no (scoring needs it)."""
-    questions, lines = [], {}
-    for line_number, record in json_lines(path):
+    numbered = json_lines(path)
+    for line_number, record in numbered:
         needed = ("question_id", "image", "text") + (("label",) if labelled else ())
         missing = [key for key in needed if key not in record]
         if missing:
@@ -161,31 +162,33 @@ def load_questions(path, labelled=False):
         if labelled and record["label"] not in ("yes", "no"):
             raise ValueError(f"{path}:{line_number}: question_id {record['question_id']}: label must be yes or no, "
                              f"got {record['label']!r}")
-        if record["question_id"] in lines:
-            raise ValueError(f"{path}:{line_number}: question_id {record['question_id']} again (first on line "
-                             f"{lines[record['question_id']]})")
-        lines[record["question_id"]] = line_number
         record["_line"] = line_number
-        questions.append(record)
-    if not questions:
+    refuse_repeated_ids(path, numbered, "a second question with")
+    if not numbered:
         raise ValueError(f"{path}: no questions in the file")
-    return questions
+    return [record for _, record in numbered]
 
 
 def read_answers(path):
     """The answers of a JSON-lines file: each an object with a question_id and a "text", one per
     question_id; anything else is an error naming the file and the line. The file is never changed."""
-    answers, lines = [], {}
-    for line_number, record in json_lines(path):
+    numbered = json_lines(path)
+    for line_number, record in numbered:
         if "question_id" not in record or not isinstance(record.get("text"), str):
             raise ValueError(f"{path}:{line_number}: an answer needs a question_id and a \"text\" string, got keys "
                              f"{sorted(record)}")
-        if record["question_id"] in lines:
-            raise ValueError(f"{path}:{line_number}: a second answer to question_id {record['question_id']} (the "
-                             f"first on line {lines[record['question_id']]})")
-        lines[record["question_id"]] = line_number
-        answers.append(record)
-    return answers
+    refuse_repeated_ids(path, numbered, "a second answer to")
+    return [record for _, record in numbered]
+
+
+def refuse_repeated_ids(path, numbered, what):
+    """An error naming both lines where a question_id comes twice in [(line number, record)]."""
+    first = {}
+    for line_number, record in numbered:
+        if record["question_id"] in first:
+            raise ValueError(f"{path}:{line_number}: {what} question_id {record['question_id']} (the first on line "
+                             f"{first[record['question_id']]})")
+        first[record["question_id"]] = line_number
 
 
 def first_difference(made, wanted):
@@ -505,7 +508,8 @@ def read_json(path, flag):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        where = f":{error.lineno}:{error.colno}: {error.msg}" if isinstance(error, json.JSONDecodeError) else f": {error}"
+        parsed = isinstance(error, json.JSONDecodeError)
+        where = f":{error.lineno}:{error.colno}: {error.msg}" if parsed else f": {error}"
         raise Refused(f"{flag} {path}{where} (not a JSON file)") from None
 
 

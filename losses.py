@@ -66,6 +66,49 @@ def void_mass(student_logits, teacher_logits, mask=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# The same three on a sparse teacher: the purified distribution as its kept tokens alone (METHOD.md 3)
+#
+# purify keeps only the plausible set, so a purified teacher is exactly a short list per position:
+# teacher_ids (N, K) and their purified logits teacher_logits (N, K), a row padded with -inf logits
+# (any id) when it keeps fewer than K. Every token not listed is a void. Equal to the dense forms
+# above on the dense teacher the list came from, in value and gradient.
+
+def _sparse_parts(student_logits, teacher_ids, teacher_logits):
+    """log q (N, V); log pt on the listed tokens (-inf on padding); q on them (0 on padding); kept mask."""
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)  # the normaliser runs over the kept tokens only
+    kept = torch.isfinite(teacher_logits)
+    q_kept = log_q.gather(-1, teacher_ids).exp().masked_fill(~kept, 0.0)
+    return log_q, log_p, q_kept, kept
+
+
+def sparse_forward_kl(student_logits, teacher_ids, teacher_logits, mask=None):
+    """forward_kl against the sparse teacher: sum over the listed tokens of pt (log pt - log q)."""
+    log_q, log_p, _, kept = _sparse_parts(student_logits, teacher_ids, teacher_logits)
+    p = log_p.exp()
+    log_p = log_p.masked_fill(~kept, 0.0)  # 0 log 0 = 0 on padding, before the product
+    per_position = (p * (log_p - log_q.gather(-1, teacher_ids).masked_fill(~kept, 0.0))).sum(dim=-1)
+    return _mean_over_positions(per_position, mask)
+
+
+def sparse_reverse_kl(student_logits, teacher_ids, teacher_logits, mask=None, eps=1e-8):
+    """reverse_kl against the sparse teacher, the voids floored at log(eps) as there:
+    sum_w q log q - sum_{w listed} q log pt - log(eps) * (student mass off the list)."""
+    log_q, log_p, q_kept, kept = _sparse_parts(student_logits, teacher_ids, teacher_logits)
+    q = log_q.exp()
+    on_voids = q.sum(dim=-1) - q_kept.sum(dim=-1)
+    per_position = ((q * log_q).sum(dim=-1) - (q_kept * log_p.masked_fill(~kept, 0.0)).sum(dim=-1)
+                    - math.log(eps) * on_voids)
+    return _mean_over_positions(per_position, mask)
+
+
+def sparse_void_mass(student_logits, teacher_ids, teacher_logits, mask=None):
+    """void_mass against the sparse teacher: the student's probability off the listed tokens."""
+    log_q, _, q_kept, _ = _sparse_parts(student_logits, teacher_ids, teacher_logits)
+    return _mean_over_positions(log_q.exp().sum(dim=-1) - q_kept.sum(dim=-1), mask)
+
+
+# ----------------------------------------------------------------------------------------------
 # The void-space picture of METHOD.md 3: a one-bump student against a two-bump purified teacher.
 
 def two_bump_teacher(grid, centres=(-2.5, 2.5), width=0.6, void=(-1.0, 1.0)):

@@ -113,6 +113,25 @@ def seed_step(model, batch, divergence="reverse", alpha=purge.ALPHA, beta=purge.
     return losses.forward_kl(student, teacher), teacher, student
 
 
+def recorded_seed_step(model, batch, divergence="reverse", void_eps=1e-8):
+    """One SEED step against the purified teacher recorded while the examples were made (seed.collate
+    puts it in the batch: teacher_ids, teacher_logits): the student's pass alone, no teacher pass and
+    no distorted image. Within a round the teacher does not move, and purify's cut makes it exactly
+    sparse, so this is the online seed_step's loss with each example's distortion fixed to the draw it
+    was made with (METHOD.md 3). Returns (loss, (teacher_ids, teacher_logits), student logits)."""
+    grid = batch.get("image_grid_thw")
+    net = transformers_model(model)
+    positions = decode.position_ids(net, batch["input_ids"], batch["attention_mask"], grid)
+    with torch.no_grad():  # the adapter lives in the language model: the vision features are the base's
+        clean = image_features(net, batch["pixel_values"], grid)
+    student = response_logits(net, batch["input_ids"], batch["attention_mask"], positions, clean,
+                              batch["response_mask"])
+    teacher = batch["teacher_ids"], batch["teacher_logits"]
+    if divergence == "reverse":
+        return losses.sparse_reverse_kl(student, *teacher, eps=void_eps), teacher, student
+    return losses.sparse_forward_kl(student, *teacher), teacher, student
+
+
 def sft_step(model, batch):
     """A plain adapter fine-tuning step on the same response tokens (the baseline bench.py compares to)."""
     grid = batch.get("image_grid_thw")
@@ -149,28 +168,31 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
                      progress, desc, kind="answer", done=(), path=None, made_with=None):
     """Greedy decoding on purify(clean, distorted) at every token: the teacher's answers, no labels read.
 
-    prompts: [(image index, text)]. done: records of these prompts already made (from `path`, by a run
-    that stopped); decoding continues after them. path: a JSON-lines file each new answer is appended
-    to as {"kind", "image", "prompt", "response", "made_with"}, fsynced after every batch. Prompt i's noise comes
+    prompts: [(image index, text)]. Returns a record per prompt: {"kind", "image", "prompt",
+    "response" (token ids, the end token left out), "teacher" (the purified distribution at every
+    response position and at the end token's, encode_teacher), "noise" ([seed, item] of the
+    distortion's generator, decode.seeded_generator)}. done: records of these prompts already made
+    (from `path`, by a run that stopped); decoding continues after them. path: a JSON-lines file each
+    new record is appended to, with "made_with", fsynced after every batch. Prompt i's noise comes
     from seeded_generator(seed, i) whatever batch it falls in, so a resumed run gives the same answers.
     Under torchrun each process decodes one batch of every chunk of batch_size x processes prompts,
-    the answers are gathered in order, and process 0 writes them.
+    the records are gathered in order, and process 0 writes them.
     """
     from tqdm import tqdm
 
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device
-    responses = []
+    records = []
     for record, (index, text) in zip(done, prompts):  # made before a stop: they must be these very prompts
         if (record.get("kind"), record.get("image"), record.get("prompt")) != (kind, index, text):
             raise ValueError(f"{path}: record {record['_record']} is {record.get('kind')} {record.get('prompt')!r} "
                              f"on image {record.get('image')}, but this run's is {kind} {text!r} on image {index}: "
                              f"the file was made with other images or settings (delete it, or run without --resume)")
-        responses.append(record["response"])
+        records.append({k: v for k, v in record.items() if k != "_record"})
     out = open(path, "a") if path and distributed.is_main() else None  # process 0 writes
     chunk_size = batch_size * distributed.world_size()  # under torchrun each process decodes a batch of it
     try:
-        for start in tqdm(range(len(responses), len(prompts), chunk_size), desc=desc, disable=not progress):
+        for start in tqdm(range(len(records), len(prompts), chunk_size), desc=desc, disable=not progress):
             chunk = prompts[start:start + chunk_size]
             first, stop = distributed.share(len(chunk), batch_size)
             made = []
@@ -178,22 +200,46 @@ def purified_answers(model, processor, images, prompts, batch_size, max_new_toke
                 mine = chunk[first:stop]
                 inputs = decode.prompt_batch(processor, [images[i] for i, _ in mine], [text for _, text in mine],
                                              device)
-                generators = [decode.seeded_generator(seed, start + first + j) for j in range(len(mine))]
-                made = decode.generate(model, inputs, max_new_tokens, contrast=True, generators=generators,
-                                       alpha=alpha, beta=beta, noise_step=noise_step,
-                                       eos_token_id=tokenizer.eos_token_id,
-                                       suppress_token_ids=decode.placeholder_token_ids(model, processor))
+                items = [start + first + j for j in range(len(mine))]
+                responses, teachers = decode.generate(
+                    model, inputs, max_new_tokens, contrast=True, alpha=alpha, beta=beta, noise_step=noise_step,
+                    generators=[decode.seeded_generator(seed, item) for item in items], record=True,
+                    eos_token_id=tokenizer.eos_token_id,
+                    suppress_token_ids=decode.placeholder_token_ids(model, processor))
+                made = [{"kind": kind, "image": i, "prompt": text, "response": response,
+                         "teacher": encode_teacher(teacher), "noise": [seed, item]}
+                        for (i, text), response, teacher, item in zip(mine, responses, teachers, items)]
             made = distributed.gather(made)  # the whole chunk, in order, on every process
             if out is not None:
-                out.write("".join(json.dumps({"kind": kind, "image": i, "prompt": text, "response": r,
-                                              "made_with": made_with}) + "\n" for (i, text), r in zip(chunk, made)))
+                out.write("".join(json.dumps({**record, "made_with": made_with}) + "\n" for record in made))
                 out.flush()
                 os.fsync(out.fileno())  # a crash after this point loses nothing of this batch
-            responses += made
+            records += made
     finally:
         if out is not None:
             out.close()
-    return responses
+    return records
+
+
+def encode_teacher(positions):
+    """A purified teacher, [(kept token ids, their purified logits)] per response position, as a JSON-able
+    record: the kept-token count of each position, and all ids (int32) and logits (float32) as base64
+    bytes. Lossless (every other token is a void) and small: about 11 bytes a kept token."""
+    import base64
+
+    ids = torch.cat([i for i, _ in positions]).to(torch.int32).numpy().tobytes()
+    logits = torch.cat([v for _, v in positions]).to(torch.float32).numpy().tobytes()
+    return {"counts": [len(i) for i, _ in positions], "ids": base64.b64encode(ids).decode(),
+            "logits": base64.b64encode(logits).decode()}
+
+
+def decode_teacher(record):
+    """(counts, ids, logits) of an encode_teacher record: a list, and two flat 1-D tensors."""
+    import base64
+
+    ids = torch.frombuffer(bytearray(base64.b64decode(record["ids"])), dtype=torch.int32).long()
+    logits = torch.frombuffer(bytearray(base64.b64decode(record["logits"])), dtype=torch.float32)
+    return record["counts"], ids, logits
 
 
 def read_examples_log(path, made_with):
@@ -244,7 +290,8 @@ def make_examples(model, processor, images, object_names, probes_per_image=6, de
     already in it are kept and decoding continues after them, so a run stopped mid-way and started
     again makes the same examples as one that never stopped. made_with: what else the log records it was
     made with (train.py: the run's settings), beside this call's own; a log made otherwise is refused.
-    Returns [{"image": index, "prompt": text, "response": ids}].
+    Returns [{"image": index, "prompt": text, "response": ids, "teacher": the purified distribution at
+    each response position, as decoding chose from it (encode_teacher), "noise": its generator's seed}].
     """
     rng = random.Random(seed)
     eos = processor.tokenizer.eos_token_id
@@ -259,15 +306,15 @@ def make_examples(model, processor, images, object_names, probes_per_image=6, de
     descriptions = purified_answers(model, processor, images, described, batch_size=batch_size,
                                     max_new_tokens=max_new_tokens, seed=seed, progress=progress, kind="description",
                                     done=done[:len(described)], desc="purified descriptions", **contrast)
-    examples = [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(described, descriptions)]
-    named = [mentioned_objects(processor.tokenizer.decode(r, skip_special_tokens=True), object_names)
+    named = [mentioned_objects(processor.tokenizer.decode(r["response"], skip_special_tokens=True), object_names)
              for r in descriptions]
     chosen_by_image = choose_probes(named, object_names, probes_per_image, rng)
     probes = [(index, probe_text(name)) for index, chosen in enumerate(chosen_by_image) for name in chosen]
     answers = purified_answers(model, processor, images, probes, batch_size=batch_size, max_new_tokens=4,
                                seed=seed + 1, progress=progress, kind="probe", done=done[len(described):],
                                desc="purified probe answers", **contrast)
-    examples += [{"image": i, "prompt": p, "response": r + [eos]} for (i, p), r in zip(probes, answers)]
+    examples = [{"image": r["image"], "prompt": r["prompt"], "response": r["response"] + [eos], "teacher": r["teacher"],
+                 "noise": r["noise"]} for r in descriptions + answers]
     random.Random(seed + 2).shuffle(examples)  # mixes descriptions and probes (and the held-out tail)
     return examples
 
@@ -302,7 +349,28 @@ def collate(examples, processor, images):
     # (decode.position_ids rebuilds them from input_ids)
     batch = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     batch.update(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
+    if all("teacher" in e for e in examples):
+        batch.update(zip(("teacher_ids", "teacher_logits"), recorded_teacher(examples)))
     return batch
+
+
+def recorded_teacher(examples):
+    """The examples' recorded purified teachers as (teacher_ids, teacher_logits), (N, K) each: one row per
+    response position, in the order response_logits returns them (example by example, token by token),
+    padded to the widest kept set with -inf logits (losses.sparse_reverse_kl's layout)."""
+    positions = []
+    for e in examples:
+        counts, ids, logits = decode_teacher(e["teacher"])
+        if len(counts) != len(e["response"]):
+            raise ValueError(f"a recorded teacher of {len(counts)} positions for a response of {len(e['response'])} "
+                             f"tokens (image {e['image']}, {e['prompt']!r})")
+        positions += zip(ids.split(counts), logits.split(counts))
+    width = max(len(i) for i, _ in positions)
+    teacher_ids = torch.zeros(len(positions), width, dtype=torch.long)
+    teacher_logits = torch.full((len(positions), width), float("-inf"))
+    for row, (ids, logits) in enumerate(positions):
+        teacher_ids[row, :len(ids)], teacher_logits[row, :len(ids)] = ids, logits
+    return teacher_ids, teacher_logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,18 +450,24 @@ def save_merged(model, processor, path):
 
 
 @torch.no_grad()
-def held_out_void_mass(model, processor, images, examples, batch_size, alpha, beta, noise_step, seed):
-    """Mean student probability on the purified teacher's void tokens, over held-out response positions.
+def held_out_void_mass(model, processor, images, examples, batch_size, alpha, beta, noise_step, seed,
+                       recorded=False):
+    """Mean student probability on the purified teacher's void tokens, over held-out response positions:
+    the online teacher's (fresh noise), or with recorded=True the one recorded with each example.
     Under torchrun each process measures every P-th batch and the sums are added up."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in distributed.batch_starts(len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], processor, images).items()}
-        generator = decode.seeded_generator(seed, 999_983 + start)
-        _, teacher, student = seed_step(model, batch, "reverse", alpha=alpha, beta=beta, noise_step=noise_step,
-                                        generator=generator)
-        total += losses.void_mass(student, teacher).item() * teacher.shape[0]
-        count += teacher.shape[0]
+        if recorded:
+            _, teacher, student = recorded_seed_step(model, batch)
+            mass = losses.sparse_void_mass(student, *teacher)
+        else:
+            _, teacher, student = seed_step(model, batch, "reverse", alpha=alpha, beta=beta, noise_step=noise_step,
+                                            generator=decode.seeded_generator(seed, 999_983 + start))
+            mass = losses.void_mass(student, teacher)
+        total += mass.item() * student.shape[0]
+        count += student.shape[0]
     total, count = distributed.sum_value(total), distributed.sum_value(count)
     return total / max(count, 1)
 
@@ -425,7 +499,8 @@ def process_rows(model, batch, noise_step, generator):
 
     The distortion is drawn for the whole batch first, with the step's generator, as one process
     draws it, and each process keeps its rows of it (distorted_pixel_values): N processes then see
-    the noise one process would. The SEED loss is a mean over response positions, so a process's
+    the noise one process would (noise_step None: no distortion, for a recorded teacher, whose
+    positions are cut to this process's rows instead). The SEED loss is a mean over response positions, so a process's
     loss times its share, summed over the processes, is the one-process loss (and so are the
     gradients, summed by distributed.sum_gradients).
     """
@@ -435,9 +510,15 @@ def process_rows(model, batch, noise_step, generator):
     net = transformers_model(model)
     pixel_rows = decode.pixel_rows_per_question(net, batch["pixel_values"], batch["input_ids"])
     first, last = sum(pixel_rows[:start]), sum(pixel_rows[:stop])
-    noisy = decode.distort_images(net, batch["pixel_values"], noise_step, generator)
-    mine = {key: value[start:stop] for key, value in batch.items() if key != "pixel_values"}
-    mine.update(pixel_values=batch["pixel_values"][first:last], distorted_pixel_values=noisy[first:last])
+    per_row = batch["response_mask"][:, 1:].sum(-1).tolist()  # response positions of each row
+    at, until = sum(per_row[:start]), sum(per_row[:stop])
+    per_position = ("teacher_ids", "teacher_logits")
+    mine = {key: value[start:stop] for key, value in batch.items() if key not in ("pixel_values",) + per_position}
+    mine.update({key: batch[key][at:until] for key in per_position if key in batch})
+    mine.update(pixel_values=batch["pixel_values"][first:last])
+    if noise_step is not None:
+        mine["distorted_pixel_values"] = decode.distort_images(net, batch["pixel_values"], noise_step,
+                                                               generator)[first:last]
     positions = batch["response_mask"][:, 1:]
     return mine, float(positions[start:stop].sum() / positions.sum())
 

@@ -66,6 +66,10 @@ class Config:
     steps: int = field(default=600, metadata={"help": "SEED optimiser steps per round (ours)"})
     loss: str = field(default="both", metadata={"help": "reverse (SEED), forward (classic KD) or both (the "
                                                         "paper's ablation)", "choices": ["both", "reverse", "forward"]})
+    teacher: str = field(default="online", metadata={
+        "help": "recorded: distil the purified teacher recorded while the examples were made (the student's "
+                "pass alone); online: run the teacher's clean and distorted passes every step, fresh noise each",
+        "choices": ["recorded", "online"]})
     batch_size: int = field(default=32, metadata={"help": "SEED examples per step (ours)"})
     lr: float = field(default=2e-3, metadata={"help": "adapter learning rate, AdamW (ours)"})
     rank: int = field(default=8, metadata={"help": "adapter rank r (ours, LoRA's common value)"})
@@ -173,7 +177,8 @@ def check_config(args):
 
 
 def toy_world_flags_problem(args):
-    given = [f"--{name.replace('_', '-')}" for name in ("images", "pope", "pope_images", "objects") if getattr(args, name)]
+    given = [f"--{name.replace('_', '-')}" for name in ("images", "pope", "pope_images", "objects")
+             if getattr(args, name)]
     if given:
         return f"{given[0]} is for a real run (--model); the toy world brings its own images, questions and objects"
     return None
@@ -316,9 +321,10 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
         torch.manual_seed(config.seed * 7919 + round_index)  # its A, the same on every rerun
         params = adapter.add_adapter(model, rank=config.rank, alpha_r=config.adapter_alpha)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        recorded = config.teacher == "recorded"
         with autocast:  # the student before its first step is the base model
             void_at_start = seed.held_out_void_mass(model, processor, images, held_out, batch_size=config.batch_size,
-                                                    seed=config.seed, **contrast)
+                                                    seed=config.seed, recorded=recorded, **contrast)
         first_step = 0
         if round_index == start_round and start_step > 0:  # resume mid-round: adapter, moments, step
             seed.load_checkpoint(model, optimizer, checkpoint)
@@ -333,14 +339,19 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
             generator = seed.step_generator(config.seed, round_index, step)
             share = 1.0  # of the batch's response positions; under torchrun each process takes its rows
             if distributed.world_size() > 1:
-                batch, share = seed.process_rows(model, batch, config.noise_step, generator)
+                batch, share = seed.process_rows(model, batch, None if recorded else config.noise_step, generator)
             with autocast:
-                loss, teacher, student = seed.seed_step(model, batch, divergence, void_eps=config.void_eps,
-                                                        generator=generator, **contrast)
+                if recorded:  # the student's pass alone, against the teacher recorded with the examples
+                    loss, teacher, student = seed.recorded_seed_step(model, batch, divergence, void_eps=config.void_eps)
+                    void = losses.sparse_void_mass(student.detach(), *teacher)
+                else:
+                    loss, teacher, student = seed.seed_step(model, batch, divergence, void_eps=config.void_eps,
+                                                            generator=generator, **contrast)
+                    void = losses.void_mass(student.detach(), teacher)
             # the batch's mean loss and void mass: each process's share of them, summed over the processes
             log.append({"step": step, "loss": distributed.sum_value(loss.item() * share),
-                        "void_mass": distributed.sum_value(losses.void_mass(student.detach(), teacher).item() * share)})
-            del teacher, student  # only the loss's own saved tensors stay alive through the backward
+                        "void_mass": distributed.sum_value(void.item() * share)})
+            del teacher, student, void  # only the loss's own saved tensors stay alive through the backward
             optimizer.zero_grad(set_to_none=True)
             (loss * share).backward()
             distributed.sum_gradients(params)  # the one-process gradient of the whole batch
@@ -352,11 +363,12 @@ def self_evolve(model, processor, images, object_names, out_dir, config, diverge
                                      made_with=made_with)
         with autocast:
             void_at_end = seed.held_out_void_mass(model, processor, images, held_out, batch_size=config.batch_size,
-                                                  seed=config.seed, **contrast)
+                                                  seed=config.seed, recorded=recorded, **contrast)
         summary = {"round": round_index, "examples": len(examples), "void_mass_at_start": void_at_start,
                    "void_mass": void_at_end}
         seed.finish_round(model, optimizer, round_dir=round_dir, checkpoint=checkpoint, round_index=round_index,
-                          summary=summary, write=distributed.is_main(), made_with=made_with)  # save (process 0), then merge
+                          summary=summary, write=distributed.is_main(),  # save (process 0), then merge
+                          made_with=made_with)
         distributed.barrier()
         history.append({**summary, "log": log})
     return model, history

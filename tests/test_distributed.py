@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--pretrain-steps", "15", "--steps", "4", "--unlabeled", "6", "--eval-images", "4", "--sample-seeds", "1",
@@ -54,6 +55,22 @@ def test_two_processes_give_the_adapter_examples_and_answers_of_one(runs):
         assert first[method]["captions"] == second[method]["captions"], method  # CHAIR, split by batches
     for figure in ("final_loss", "void_mass", "void_mass_at_start"):  # sums over processes: float rounding
         assert second["seed_reverse"][figure][0] == pytest.approx(first["seed_reverse"][figure][0], rel=1e-5)
+
+
+def test_two_processes_train_from_the_recorded_teacher_as_one(runs):
+    """--teacher recorded: each process takes its rows' recorded positions; the adapter is one process's."""
+    from safetensors.torch import load_file
+
+    root, _, _ = runs
+    for name, processes in (("recorded1", 1), ("recorded2", 2)):
+        train(root / name, root / "cache", processes, "--teacher", "recorded")
+    a, b = (load_file(root / name / "seed_reverse" / "round0" / "adapter.safetensors")
+            for name in ("recorded1", "recorded2"))
+    assert all(float((b[n] - a[n]).norm() / a[n].norm()) <= 1e-5 for n in a if n.endswith(".B"))
+    online = load_file(root / "one" / "seed_reverse" / "round0" / "adapter.safetensors")
+    assert any(not torch.allclose(a[n], online[n]) for n in a if n.endswith(".B"))  # another teacher's noise
+    first, second = (json.loads((root / name / "results.json").read_text()) for name in ("recorded1", "recorded2"))
+    assert first["seed_reverse"]["greedy"] == second["seed_reverse"]["greedy"]
 
 
 def test_only_process_zero_prints(runs):

@@ -186,11 +186,12 @@ def test_evolve_trains_at_its_void_eps(llava, processor, tmp_path, monkeypatch):
     assert seen == [1e-4]  # the default of the training recipe
 
 
-def test_resume_equals_an_uninterrupted_run(processor, tmp_path, monkeypatch):
+@pytest.mark.parametrize("teacher", ["online", "recorded"])
+def test_resume_equals_an_uninterrupted_run(processor, tmp_path, monkeypatch, teacher):
     import toyworld
 
     whole = toyworld.make_model(processor.tokenizer, seed=0)
-    small_evolve(whole, processor, str(tmp_path / "whole"))
+    small_evolve(whole, processor, str(tmp_path / "whole"), teacher=teacher)
 
     real_save = seed.save_checkpoint
 
@@ -201,13 +202,14 @@ def test_resume_equals_an_uninterrupted_run(processor, tmp_path, monkeypatch):
 
     monkeypatch.setattr(seed, "save_checkpoint", crash_after_step_four)
     with pytest.raises(KeyboardInterrupt):
-        small_evolve(toyworld.make_model(processor.tokenizer, seed=0), processor, str(tmp_path / "part"))
+        small_evolve(toyworld.make_model(processor.tokenizer, seed=0), processor, str(tmp_path / "part"),
+                     teacher=teacher)
     monkeypatch.undo()
     progress = json.loads((tmp_path / "part" / "checkpoint" / "progress.json").read_text())
     assert (progress["round"], progress["step"]) == (0, 4)
 
     resumed = toyworld.make_model(processor.tokenizer, seed=0)
-    _, history = small_evolve(resumed, processor, str(tmp_path / "part"), resume=True)
+    _, history = small_evolve(resumed, processor, str(tmp_path / "part"), resume=True, teacher=teacher)
     assert [x["step"] for x in history[0]["log"]] == [4, 5]  # only the missing steps ran
     for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), name
