@@ -51,19 +51,26 @@ class AdapterLinear(nn.Module):
         return out + (self.scale * update).to(out.dtype)
 
 
-def language_model(model):
-    """The decoder an LVLM's adapter belongs in (LLaVA, InternVL, Qwen2-VL: model.model.language_model).
+def language_model(model, decoder=None):
+    """The decoder the adapter belongs in: `decoder` (a submodule's qualified name) when given; an
+    LVLM's model.model.language_model (LLaVA, InternVL, Qwen2-VL); a text-only causal LM's whole model.
 
-    Refuses a model without one rather than fall back to the whole model: the targets would then
-    also match q_proj / v_proj in the vision tower, and the vision features would no longer be the
-    same with the adapter on and off (the SEED step shares them between teacher and student).
+    Refuses a model with a vision part and no language_model rather than fall back to the whole
+    model: the targets would then also match q_proj / v_proj in the vision tower, and the vision
+    features would no longer be the same with the adapter on and off (the SEED step shares them
+    between teacher and student).
     """
+    if decoder is not None:
+        return model.get_submodule(decoder)
     for owner in (getattr(model, "model", None), model):
-        decoder = getattr(owner, "language_model", None)
-        if isinstance(decoder, nn.Module):
-            return decoder
-    raise ValueError(f"{type(model).__name__} has no `language_model` (looked for model.model.language_model and "
-                     f"model.language_model): give the adapter the decoder it belongs in")
+        found = getattr(owner, "language_model", None)
+        if isinstance(found, nn.Module):
+            return found
+    if not any("vision" in name or "visual" in name for name, _ in model.named_modules()):
+        return model  # a text-only causal LM: all of it is the decoder
+    raise ValueError(f"{type(model).__name__} has a vision part but no `language_model` (looked for "
+                     f"model.model.language_model and model.language_model): name the decoder, "
+                     f"add_adapter(model, decoder='qualified.name')")
 
 
 def adapter_layers(model):
@@ -76,14 +83,13 @@ def _set_submodule(root, qualified_name, module):
     setattr(root.get_submodule(parent_name) if parent_name else root, child_name, module)
 
 
-def add_adapter(model, rank=8, alpha_r=16.0, targets=("q_proj", "v_proj")):
-    """Wrap every nn.Linear of the language model whose name ends with a target; freeze all else.
-
-    Returns the list of trainable parameters (the A and B of every adapter).
+def add_adapter(model, rank=8, alpha_r=16.0, targets=("q_proj", "v_proj"), decoder=None):
+    """Wrap every nn.Linear of the language model (language_model(model, decoder)) whose name ends
+    with a target; freeze all else. Returns the list of trainable parameters (every adapter's A and B).
     """
     if adapter_layers(model):
         raise ValueError("model already has an adapter: merge_adapter(model) first, or keep training this one")
-    decoder = language_model(model)
+    decoder_name, decoder = decoder, language_model(model, decoder)
     linears = {name: m for name, m in decoder.named_modules() if isinstance(m, nn.Linear)}
     chosen = {}
     for target in targets:
@@ -101,6 +107,8 @@ def add_adapter(model, rank=8, alpha_r=16.0, targets=("q_proj", "v_proj")):
         _set_submodule(decoder, name, wrapped)
         trainable += [wrapped.A, wrapped.B]
     model._adapter_settings = {"rank": rank, "alpha_r": alpha_r, "targets": list(targets)}
+    if decoder_name is not None:  # saved with the adapter, so that load_adapter finds the same layers
+        model._adapter_settings["decoder"] = decoder_name
     return trainable
 
 
@@ -172,7 +180,7 @@ def load_adapter(model, path):
     if not adapter_layers(model):
         # "alpha" is the key of adapters saved before the scale was named alpha_r (METHOD.md 4)
         add_adapter(model, rank=settings["rank"], alpha_r=settings.get("alpha_r", settings.get("alpha")),
-                    targets=tuple(settings["targets"]))
+                    targets=tuple(settings["targets"]), decoder=settings.get("decoder"))
     layers = adapter_layers(model)
     tensors = load_file(weights_path)
     if sorted(layers) != settings["layers"]:

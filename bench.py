@@ -318,11 +318,11 @@ def format_table(r):
             shown = f"{value['median']:.3f}  ({value['min']:.3f}..{value['max']:.3f})"
         else:
             shown = f"{value:.3f}"
-        return f"{name:<46}{shown:<28}{target}"
+        return f"{name:<48}{shown:<28}{target}"
 
     ms = lambda t: f"{1000 * t['median']:.2f} ms"  # noqa: E731
     lines = [f"SEED bench on {r['device']}, shape {r['shape']}, {r['dtype']}, batch {r['batch_size']}",
-             f"{'ratio':<46}{'median  (spread)':<28}target",
+             f"{'ratio':<48}{'median  (spread)':<28}target",
              row("train step: SEED online / plain adapter step", r["train_step_ratio"], "<= 1.8 (floor ~5/3)"),
              row("train step: SEED recorded / plain adapter step", r["train_step_ratio_recorded"], "<= 1.15"),
              row("answer cost: merged SEED / base", r["answer_cost_ratio_seed"], "<= 1.05"),

@@ -122,14 +122,52 @@ def test_adapter_output_is_w_x_plus_alpha_over_r_b_a_x():
     torch.testing.assert_close(layer(x).double(), x.double() @ W.T + b, rtol=1e-6, atol=1e-6)
 
 
-def test_a_model_without_a_language_model_is_refused():
+def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    decoder_only = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(ValueError, match="has no `language_model`.*model.model.language_model"):
-        adapter.add_adapter(decoder_only)
-    assert not adapter.adapter_layers(decoder_only)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2)).eval()
+
+
+def test_a_text_only_causal_lm_takes_the_adapter_as_its_decoder(tmp_path):
+    """No language_model and no vision part: the whole model is the decoder; teacher, merge and reload exact."""
+    model = tiny_llama()
+    inputs = {"input_ids": torch.tensor([[1, 5, 9, 3, 7]])}
+    base = logits(model, inputs)
+    params = adapter.add_adapter(model, rank=4, alpha_r=8.0)
+    assert sorted(adapter.adapter_layers(model)) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1)
+                                                     for p in ("q_proj", "v_proj")]
+    train_a_little(model, inputs, params)
+    student = logits(model, inputs)
+    assert not torch.allclose(student, base, atol=1e-4)  # the adapter has moved
+    with adapter.adapter_disabled(model):
+        torch.testing.assert_close(logits(model, inputs), base, rtol=0, atol=0)
+    adapter.save_adapter(model, str(tmp_path / "a"))
+    reloaded = tiny_llama()
+    adapter.load_adapter(reloaded, str(tmp_path / "a"))
+    torch.testing.assert_close(logits(reloaded, inputs), student, rtol=1e-6, atol=1e-6)
+    adapter.merge_adapter(model)
+    torch.testing.assert_close(logits(model, inputs), student, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_a_vision_part_and_no_language_model_needs_its_decoder_named(tmp_path):
+    class Captioner(torch.nn.Module):  # a vision tower with its own q_proj beside a text decoder
+        def __init__(self):
+            super().__init__()
+            self.vision_tower = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(4, 4), "v_proj": torch.nn.Linear(4, 4)})
+            self.text = tiny_llama()
+
+    model = Captioner()
+    with pytest.raises(ValueError, match="has a vision part but no `language_model`.*decoder='qualified.name'"):
+        adapter.add_adapter(model)
+    assert not adapter.adapter_layers(model)
+    adapter.add_adapter(model, decoder="text")
+    assert adapter.adapter_layers(model) and all(n.startswith("text.") for n in adapter.adapter_layers(model))
+    adapter.save_adapter(model, str(tmp_path / "a"))
+    fresh = Captioner()
+    adapter.load_adapter(fresh, str(tmp_path / "a"))  # the decoder's name travels with the adapter
+    assert sorted(adapter.adapter_layers(fresh)) == sorted(adapter.adapter_layers(model))
 
 
 def test_merging_into_bfloat16_loses_no_more_of_a_small_update_than_the_unmerged_bf16_layer():
