@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -186,7 +187,10 @@ def toy_world_flags_problem(args):
 
 def earlier_run_problem(args):
     """Why the run may not start in --out: an earlier run there that --resume would mix with other settings,
-    or one that a fresh run would replace without --overwrite."""
+    or one that a fresh run would replace without --overwrite. Under torchrun process 0 alone looks (the
+    others could see the run.json it has just written), and its refusal ends the job."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
     run_file = os.path.join(args.out, "run.json")
     earlier = [n for n in EARLIER_RUN if os.path.exists(os.path.join(args.out, n))]
     if args.resume and earlier:
@@ -266,16 +270,17 @@ def start_run(config):
     os.replace(tmp, os.path.join(config.out, "run.json"))
 
 
-def readable_images(config):
+def readable_images(config, say=print):
     """The --images files, each checked readable before the first forward pass: an unreadable one stops
     the run in one line naming it (or, with --skip-unreadable, is left out and counted)."""
     paths = [os.path.join(config.images, n) for n in image_names_in(config.images)]
     bad = eval_pope.unreadable_images(paths, progress=config.progress, desc="checking --images")
-    if bad and not config.skip_unreadable:
-        raise SystemExit(f"train.py: error: --images: cannot read {bad[0][0]} ({bad[0][1]}); {len(bad)} of "
-                         f"{len(paths)} files unreadable: remove them, or --skip-unreadable to leave them out")
+    if bad and not config.skip_unreadable:  # exit status 2, as for the other refusals
+        print(f"train.py: error: --images: cannot read {bad[0][0]} ({bad[0][1]}); {len(bad)} of {len(paths)} files "
+              f"unreadable: remove them, or --skip-unreadable to leave them out", file=sys.stderr)
+        raise SystemExit(2)
     if bad:
-        print(f"--skip-unreadable: left out {len(bad)} of {len(paths)} --images files ({bad[0][0]}, ...)")
+        say(f"--skip-unreadable: left out {len(bad)} of {len(paths)} --images files ({bad[0][0]}, ...)")
         paths = [p for p in paths if p not in {b for b, _ in bad}]
     return paths
 
@@ -479,6 +484,8 @@ def main(argv=None):
     # float32 on the CPU, where bf16 is slow and the toy model is tiny.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = torch.bfloat16 if device.type == "cuda" else None
+    # Paths, not pixels: each batch reads its own images (83k COCO photos as PIL images would be tens of GB)
+    unlabeled = readable_images(config, say) if config.model else None  # each decoded once, before any work
     if main_process:
         start_run(config)  # --out: the earlier run replaced (--overwrite), this run's settings recorded
     distributed.barrier()
@@ -502,8 +509,6 @@ def main(argv=None):
     else:
         model_path, image_dir = config.model, config.pope_images
         pope_files = pope_files_in(config.pope)
-        # Paths, not pixels: each batch reads its own images (83k COCO photos as PIL images would be tens of GB)
-        unlabeled = readable_images(config)
         object_names = (open(config.objects).read().split("\n") if config.objects else list(COCO_OBJECTS))
         object_names = [n.strip() for n in object_names if n.strip()]
         description = "Describe this image in detail."
@@ -690,8 +695,6 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # what was written is kept: answers and examples per batch, the checkpoint
-        import sys
-
         argv = [a for a in sys.argv[1:] if a != "--overwrite"]
         sys.exit("\nstopped: the answers and examples written so far, and the last checkpoint (every "
                  "--checkpoint-every steps), are kept in --out; to continue: python train.py "

@@ -241,11 +241,27 @@ def test_unreadable_images_stop_a_real_run_before_work_or_are_skipped(tmp_path, 
     whole = (tmp_path / "images" / "b.jpg").read_bytes()
     (tmp_path / "images" / "b.jpg").write_bytes(whole[:len(whole) // 2])  # a truncated JPEG: its header reads
     config = train.Config(images=str(tmp_path / "images"), progress=False)
-    with pytest.raises(SystemExit, match=r"--images: cannot read .*b.jpg \(Truncated File Read\); 1 of 3 files unreadable"):
+    with pytest.raises(SystemExit) as exit_:
         train.readable_images(config)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "--images: cannot read" in error and "b.jpg (Truncated File Read); 1 of 3 files unreadable" in error
     config.skip_unreadable = True
     assert train.readable_images(config) == [str(tmp_path / "images" / n) for n in ("a.jpg", "c.jpg")]
     assert "--skip-unreadable: left out 1 of 3 --images files" in capsys.readouterr().out
+
+
+def test_an_unreadable_image_stops_a_real_run_before_it_writes_anything(tmp_path, capsys):
+    import replica
+    import train
+
+    paths = replica.build(str(tmp_path), unlabeled=3, pope_images=1)
+    (tmp_path / "train2014" / "COCO_train2014_000000999999.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--model", paths["llava-1.5-7b-replica"], "--images", paths["train2014"], "--pope", paths["pope"],
+                    "--pope-images", paths["val2014"], "--out", str(tmp_path / "out"), "--no-progress"])
+    assert exit_.value.code == 2 and "COCO_train2014_000000999999.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # no run.json, no empty examples log
 
 
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
