@@ -67,9 +67,10 @@ class Config:
     steps: int = field(default=600, metadata={"help": "SEED optimiser steps per round (ours)"})
     loss: str = field(default="both", metadata={"help": "reverse (SEED), forward (classic KD) or both (the "
                                                         "paper's ablation)", "choices": ["both", "reverse", "forward"]})
-    teacher: str = field(default="online", metadata={
+    teacher: str = field(default="recorded", metadata={
         "help": "recorded: distil the purified teacher recorded while the examples were made (the student's "
-                "pass alone); online: run the teacher's clean and distorted passes every step, fresh noise each",
+                "pass alone; measured in docs/EXPERIMENTS.md); online: the teacher's clean and distorted passes "
+                "every step, fresh noise each",
         "choices": ["recorded", "online"]})
     batch_size: int = field(default=32, metadata={"help": "SEED examples per step (ours)"})
     lr: float = field(default=2e-3, metadata={"help": "adapter learning rate, AdamW (ours)"})

@@ -57,19 +57,20 @@ def test_two_processes_give_the_adapter_examples_and_answers_of_one(runs):
         assert second["seed_reverse"][figure][0] == pytest.approx(first["seed_reverse"][figure][0], rel=1e-5)
 
 
-def test_two_processes_train_from_the_recorded_teacher_as_one(runs):
-    """--teacher recorded: each process takes its rows' recorded positions; the adapter is one process's."""
+def test_two_processes_train_from_the_online_teacher_as_one(runs):
+    """--teacher online: the distortion drawn for the whole batch, each process its rows; one process's adapter.
+    (The runs above train from the recorded teacher, the default: each process takes its rows' positions.)"""
     from safetensors.torch import load_file
 
     root, _, _ = runs
-    for name, processes in (("recorded1", 1), ("recorded2", 2)):
-        train(root / name, root / "cache", processes, "--teacher", "recorded")
+    for name, processes in (("online1", 1), ("online2", 2)):
+        train(root / name, root / "cache", processes, "--teacher", "online")
     a, b = (load_file(root / name / "seed_reverse" / "round0" / "adapter.safetensors")
-            for name in ("recorded1", "recorded2"))
+            for name in ("online1", "online2"))
     assert all(float((b[n] - a[n]).norm() / a[n].norm()) <= 1e-5 for n in a if n.endswith(".B"))
-    online = load_file(root / "one" / "seed_reverse" / "round0" / "adapter.safetensors")
-    assert any(not torch.allclose(a[n], online[n]) for n in a if n.endswith(".B"))  # another teacher's noise
-    first, second = (json.loads((root / name / "results.json").read_text()) for name in ("recorded1", "recorded2"))
+    recorded = load_file(root / "one" / "seed_reverse" / "round0" / "adapter.safetensors")
+    assert any(not torch.allclose(a[n], recorded[n]) for n in a if n.endswith(".B"))  # another teacher's noise
+    first, second = (json.loads((root / name / "results.json").read_text()) for name in ("online1", "online2"))
     assert first["seed_reverse"]["greedy"] == second["seed_reverse"]["greedy"]
 
 

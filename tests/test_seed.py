@@ -169,20 +169,21 @@ def test_two_round_evolve_merges_twice(llava, processor, tmp_path):
     assert all(len(h["log"]) == 6 and 0 <= h["void_mass"] <= 1 for h in history)
 
 
-def test_evolve_trains_at_its_void_eps(llava, processor, tmp_path, monkeypatch):
+@pytest.mark.parametrize("teacher,loss", [("online", "reverse_kl"), ("recorded", "sparse_reverse_kl")])
+def test_evolve_trains_at_its_void_eps(llava, processor, tmp_path, monkeypatch, teacher, loss):
     seen = []
-    real = losses.reverse_kl
+    real = getattr(losses, loss)
 
-    def recording_reverse_kl(student, teacher, mask=None, eps=1e-8):
+    def recording_reverse_kl(*args, eps=1e-8, **kwargs):
         if torch.is_grad_enabled():  # a training step, not the no-grad void-mass measurement
             seen.append(eps)
-        return real(student, teacher, mask, eps)
+        return real(*args, eps=eps, **kwargs)
 
-    monkeypatch.setattr(losses, "reverse_kl", recording_reverse_kl)
-    small_evolve(llava, processor, str(tmp_path / "a"), steps=2, checkpoint_every=0, void_eps=3e-3)
+    monkeypatch.setattr(losses, loss, recording_reverse_kl)
+    small_evolve(llava, processor, str(tmp_path / "a"), steps=2, checkpoint_every=0, void_eps=3e-3, teacher=teacher)
     assert seen == [3e-3, 3e-3]  # both training steps; the void-mass measurements need no loss
     seen.clear()
-    small_evolve(llava, processor, str(tmp_path / "b"), steps=1, checkpoint_every=0)
+    small_evolve(llava, processor, str(tmp_path / "b"), steps=1, checkpoint_every=0, teacher=teacher)
     assert seen == [1e-4]  # the default of the training recipe
 
 
