@@ -71,13 +71,16 @@ def test_bench_at_its_smallest_size_produces_every_figure(tmp_path):
     done = run(["bench.py", "--repeats", "1", "--batch-size", "2", "--json", str(tmp_path / "bench.json")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("train_step_ratio", "answer_cost_ratio_seed", "answer_cost_ratio_vcd", "eval_batched_speedup",
-                "decode_throughput_ratio", "decode_purified_throughput_ratio"):
+    for key in ("train_step_ratio", "train_step_ratio_recorded", "answer_cost_ratio_seed", "answer_cost_ratio_vcd",
+                "eval_batched_speedup", "decode_throughput_ratio", "decode_purified_throughput_ratio",
+                "examples_record_ratio"):
         assert figures[key]["median"] > 0, key
-    assert figures["peak_memory_ratio"] > 0
-    for key in ("train_step_seed_s", "train_step_sft_s", "answer_base_s", "answer_seed_s", "answer_vcd_s"):
+    assert figures["peak_memory_ratio"] > 0 and figures["peak_memory_ratio_recorded"] > 0
+    for key in ("train_step_seed_s", "train_step_recorded_s", "train_step_sft_s", "answer_base_s", "answer_seed_s",
+                "answer_vcd_s", "decode_recording_s"):
         assert figures[key]["median"] > 0, key
-    assert "train step: SEED / plain adapter step" in done.stdout
+    assert "train step: SEED online / plain adapter step" in done.stdout
+    assert "train step: SEED recorded / plain adapter step" in done.stdout
     assert "decoding: our greedy loop / model.generate" in done.stdout
 
 
