@@ -268,7 +268,10 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="2", XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     command = [sys.executable, "train.py", "--out", str(tmp_path / "out"), "--steps", "5", "--eval-images", "20",
                "--sample-seeds", "1", "--no-progress"]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts its jobs in the background (CI's may) hands them SIGINT ignored, and Python then
+    # installs no Ctrl-C handler: give the run the default disposition a terminal would
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stdout.readline().startswith("device ")  # main is running: the work has started
     stderr = ""
     for _ in range(20):  # a KeyboardInterrupt raised inside a finaliser is printed and dropped by Python
