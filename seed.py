@@ -119,27 +119,26 @@ def recorded_seed_step(model, batch, divergence="reverse", void_eps=1e-8):
     no distorted image. Within a round the teacher does not move, and purify's cut makes it exactly
     sparse, so this is the online seed_step's loss with each example's distortion fixed to the draw it
     was made with (METHOD.md 3). Returns (loss, (teacher_ids, teacher_logits), student logits)."""
-    grid = batch.get("image_grid_thw")
-    net = transformers_model(model)
-    positions = decode.position_ids(net, batch["input_ids"], batch["attention_mask"], grid)
-    with torch.no_grad():  # the adapter lives in the language model: the vision features are the base's
-        clean = image_features(net, batch["pixel_values"], grid)
-    student = response_logits(net, batch["input_ids"], batch["attention_mask"], positions, clean,
-                              batch["response_mask"])
+    student = student_logits(model, batch)
     teacher = batch["teacher_ids"], batch["teacher_logits"]
     if divergence == "reverse":
         return losses.sparse_reverse_kl(student, *teacher, eps=void_eps), teacher, student
     return losses.sparse_forward_kl(student, *teacher), teacher, student
 
 
+def student_logits(model, batch):
+    """The student's logits at the response positions, the one pass a recorded or plain step makes."""
+    grid = batch.get("image_grid_thw")
+    net = transformers_model(model)
+    positions = decode.position_ids(net, batch["input_ids"], batch["attention_mask"], grid)
+    with torch.no_grad():  # the adapter lives in the language model: the vision features are the base's
+        clean = image_features(net, batch["pixel_values"], grid)
+    return response_logits(net, batch["input_ids"], batch["attention_mask"], positions, clean, batch["response_mask"])
+
+
 def sft_step(model, batch):
     """A plain adapter fine-tuning step on the same response tokens (the baseline bench.py compares to)."""
-    grid = batch.get("image_grid_thw")
-    with torch.no_grad():
-        clean = image_features(model, batch["pixel_values"], grid)
-    positions = decode.position_ids(model, batch["input_ids"], batch["attention_mask"], grid)
-    student = response_logits(model, batch["input_ids"], batch["attention_mask"], positions, clean,
-                              batch["response_mask"])
+    student = student_logits(model, batch)
     targets = batch["input_ids"][:, 1:][batch["response_mask"][:, 1:]]
     return torch.nn.functional.cross_entropy(student.float(), targets)
 
