@@ -7,7 +7,7 @@ METHOD.md 3 (`curves`); `python train.py` draws results.png (`results_chart`) an
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = {"teacher": (40, 40, 40), "base": (150, 150, 150), "vcd": (90, 150, 210), "seed_forward": (235, 150, 50),
-           "seed_reverse": (200, 50, 50)}
+           "seed_reverse": (200, 50, 50), "seed_reverse_vcd": (120, 40, 120)}
 VOID = (235, 225, 240)
 
 

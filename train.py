@@ -48,6 +48,13 @@ COCO_OBJECTS = [name.replace("_", " ") for name in (  # 80 names, some of two wo
     "toothbrush").split()]
 
 
+# The table's rows, in its order: the base model, VCD decoding on it (two passes a token), SEED with
+# each divergence (one pass), and VCD decoding on the reverse-KL SEED model (two passes; the next
+# round's teacher): whether the two stack.
+METHODS = {"base": "base", "vcd": "VCD decoding", "seed_forward": "SEED forward KL", "seed_reverse": "SEED reverse KL",
+           "seed_reverse_vcd": "SEED + VCD"}
+
+
 @dataclass
 class Config:
     model: str = field(default=None, metadata={"help": "local LLaVA-1.5 / InternVL / Qwen2-VL checkpoint in "
@@ -577,6 +584,8 @@ def main(argv=None):
         results[method]["final_loss"] = [statistics.mean(x["loss"] for x in h["log"][-20:]) for h in history
                                          if h["log"]]
         save_results()
+        if divergence == "reverse":  # VCD decoding on the SEED model: do the two stack?
+            measure("seed_reverse_vcd", model, processor, contrast=True)
 
     if not main_process:  # timing, the table and the pictures are process 0's
         distributed.stop()
@@ -588,6 +597,8 @@ def main(argv=None):
     for divergence in divergences:  # the merged SEED model: the base plus each round's adapter, merged
         rows[f"seed_{divergence}"] = (merged_weights(model, [os.path.join(config.out, f"seed_{divergence}", f"round{r}")
                                                        for r in range(config.rounds)]), False)
+    if "seed_reverse" in rows:
+        rows["seed_reverse_vcd"] = (rows["seed_reverse"][0], True)
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
         costs = answer_costs(model, processor, pope_files["random"], image_dir=image_dir,
                              batch_size=config.eval_batch_size, rows=rows)
@@ -608,11 +619,10 @@ def draw_pictures(results, splits, pope_files, image_dir, out):
     adversarial questions with the base model's and SEED's greedy answers, disagreements first)."""
     import pictures
 
-    methods = [m for m in ("base", "vcd", "seed_forward", "seed_reverse") if m in results]
-    labels = {"base": "base", "vcd": "VCD decoding", "seed_forward": "SEED forward KL", "seed_reverse": "SEED reverse KL"}
-    rows = {m: {"label": labels[m], **{d: {s: 100 * results[m][d][s]["f1"] for s in splits}
+    methods = [m for m in METHODS if m in results]
+    rows = {m: {"label": METHODS[m], **{d: {s: 100 * results[m][d][s]["f1"] for s in splits}
                                        for d in ("greedy", "sample")}} for m in methods}
-    seeds = [m for m in methods if m.startswith("seed_")]
+    seeds = [m for m in methods if m in ("seed_forward", "seed_reverse")]
     void = {"base": 100 * results[seeds[0]]["void_mass_at_start"][0]} if seeds else {}
     void.update({m: 100 * results[m]["void_mass"][-1] for m in seeds})
     pictures.results_chart(rows, splits, void, os.path.join(out, "results.png"))
@@ -628,7 +638,7 @@ def draw_pictures(results, splits, pope_files, image_dir, out):
               questions[i].get("label"), answers["base"][i], answers[seeds[-1]][i]) for i in ids]
     pictures.scene_sheet(cards, os.path.join(out, "scenes.png"),
                          title=f"POPE {split}, greedy: {len(differ)} of {len(questions)} answers differ between the base "
-                               f"model and {labels[seeds[-1]]}; the first six of them, and two where they agree")
+                               f"model and {METHODS[seeds[-1]]}; the first six of them, and two where they agree")
 
 
 def caption_hallucination(model, processor, image_dir, objects_by_image, object_names, contrast=False, batch_size=64,
@@ -662,9 +672,7 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
 
 def format_results(results, splits):
     """One table: per split F1 and yes-ratio (greedy) and F1 (sampled, mean ± std), then the side figures."""
-    methods = [m for m in ("base", "vcd", "seed_forward", "seed_reverse") if m in results]
-    labels = {"base": "base", "vcd": "VCD decoding", "seed_forward": "SEED forward KL",
-              "seed_reverse": "SEED reverse KL"}
+    methods = [m for m in METHODS if m in results]
     cell = 28  # F1 greedy (7) + yes-ratio (7) + F1 sampled (14)
     head = f"{'POPE %':<16}" + "".join(f"{s:>{cell}}" for s in splits) + f"{'CHAIRi':>8}{'CHAIRs':>8}{'void':>8}{'cost':>6}"
     sub = f"{'':<16}" + f"{'F1':>7}{'yes':>7}{'F1 sampled':>14}" * len(splits) + f"{'%':>8}{'%':>8}{'mass %':>8}{'x':>6}"
@@ -675,7 +683,7 @@ def format_results(results, splits):
                       None)
     for m in methods:
         r = results[m]
-        row = f"{labels[m]:<16}"
+        row = f"{METHODS[m]:<16}"
         for s in splits:
             g, sampled = r["greedy"][s], r["sample"][s]
             row += f"{100 * g['f1']:>7.1f}{100 * g['yes_ratio']:>7.1f}{100 * sampled['f1']:>8.1f} ±{100 * sampled['f1_std']:>4.1f}"

@@ -20,9 +20,9 @@ def test_train_at_a_tiny_budget_writes_a_valid_results_json(tmp_path):
     done = run(["train.py", "--pretrain-steps", "15", "--steps", "3", "--unlabeled", "6", "--eval-images", "4",
                 "--sample-seeds", "2", "--checkpoint-every", "2", "--out", str(out), "--no-progress"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "SEED reverse KL" in done.stdout and "VCD decoding" in done.stdout
+    assert "SEED reverse KL" in done.stdout and "VCD decoding" in done.stdout and "SEED + VCD" in done.stdout
     results = json.loads((out / "results.json").read_text())
-    for method in ("base", "vcd", "seed_forward", "seed_reverse"):
+    for method in ("base", "vcd", "seed_forward", "seed_reverse", "seed_reverse_vcd"):
         for decoding in ("greedy", "sample"):
             for split in ("random", "popular", "adversarial"):
                 metrics = results[method][decoding][split]
@@ -35,6 +35,21 @@ def test_train_at_a_tiny_budget_writes_a_valid_results_json(tmp_path):
         assert 0.0 <= results[method]["void_mass"][0] <= 1.0
         assert (out / method / "round0" / "adapter.safetensors").exists()
     assert "diagnostic" in results
+    # SEED + VCD: VCD decoding (the run's contrast) on the merged reverse-KL model, as eval_pope.py answers it
+    import decode
+    import eval_pope
+    import toyworld
+    import train
+
+    model, processor = decode.load_model(str(out / "seed_reverse" / "merged"))
+    world_config = toyworld.WorldConfig(steps=15)
+    _, world = toyworld.build(world_config, progress=False, shipped=True)
+    pope_files, image_dir, _ = toyworld.eval_set(4, world, world_config)
+    eval_pope.answer_questions(model, processor, pope_files["random"], image_dir, str(tmp_path / "vcd.jsonl"),
+                               decoding="vcd-greedy", batch_size=64, max_new_tokens=4, progress=False,
+                               **eval_pope.contrast_settings(train.parse_config([])))
+    row = eval_pope.read_answers(str(out / "seed_reverse_vcd" / "answers" / "vcd-greedy_random_seed0.jsonl"))
+    assert [a["text"] for a in row] == [a["text"] for a in eval_pope.read_answers(str(tmp_path / "vcd.jsonl"))]
     from PIL import Image
 
     for picture in ("results.png", "scenes.png"):  # beside results.json
