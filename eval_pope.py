@@ -38,6 +38,16 @@ SPLITS = ("random", "popular", "adversarial")
 # ---------------------------------------------------------------------------------------------
 # build: questions from object annotations
 
+# The 80 COCO classes, the objects POPE asks about; train.py probes unlabeled images with them
+COCO_OBJECTS = [name.replace("_", " ") for name in (  # 80 names, some of two words
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
+    "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie "
+    "suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard "
+    "tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot "
+    "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
+    "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
+    "toothbrush").split()]
+
 def article(name):
     return "an" if name[0].lower() in "aeiou" else "a"
 

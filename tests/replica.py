@@ -107,9 +107,9 @@ def write_jpeg(path, size, rng):
 def build(root, unlabeled=8, pope_images=4, questions_per_image=2, object_names=None, seed=0):
     """Write <root>/llava-1.5-7b-replica (model + processor), <root>/train2014 (unlabeled JPEGs),
     <root>/val2014 (POPE's images) and <root>/pope/coco_pope_{split}.json; returns the four paths."""
-    import train
+    import eval_pope
 
-    object_names = object_names or train.COCO_OBJECTS
+    object_names = object_names or eval_pope.COCO_OBJECTS
     rng = random.Random(seed)
     paths = {name: os.path.join(root, name) for name in ("llava-1.5-7b-replica", "train2014", "val2014", "pope")}
     for path in paths.values():
@@ -166,9 +166,9 @@ def write_json(path, record):
 def write_qwen2_tokenizer(folder, specials, extra_special_tokens=None):
     """Qwen2's tokenizer files (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json naming
     Qwen2Tokenizer): a byte-level BPE trained on COCO sentences, the special tokens after its vocabulary."""
-    import train
+    import eval_pope
 
-    core = bpe_core(train.COCO_OBJECTS, specials=())  # Qwen2's vocabulary has no <unk> <s> </s>
+    core = bpe_core(eval_pope.COCO_OBJECTS, specials=())  # Qwen2's vocabulary has no <unk> <s> </s>
     core.add_special_tokens(specials)
     core.save(os.path.join(folder, "tokenizer.json"))
     model = json.loads(core.to_str())["model"]

@@ -182,35 +182,35 @@ def toy_flags(tmp_path, *extra):
 
 
 def test_a_resume_with_other_settings_is_refused_naming_the_flag_and_both_values(tmp_path, capsys):
-    import train
+    import cli
 
-    config = train.parse_config(toy_flags(tmp_path, "--steps", "40"))
-    train.start_run(config)  # what a started run leaves: run.json with its settings
+    config = cli.parse_config(toy_flags(tmp_path, "--steps", "40"))
+    cli.start_run(config)  # what a started run leaves: run.json with its settings
     recorded = json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
     assert recorded["noise_step"] == 700 and recorded["lr"] == 2e-3 and recorded["steps"] == 40
     for flags, message in ((["--steps", "40", "--noise-step", "500"], "was made with --noise-step 700, this run has 500"),
                            (["--steps", "40", "--lr", "0.05"], "was made with --lr 0.002, this run has 0.05"),
                            ([], "was made with --steps 40, this run has 600")):
         with pytest.raises(SystemExit):
-            train.parse_config(toy_flags(tmp_path, "--resume", *flags))
+            cli.parse_config(toy_flags(tmp_path, "--resume", *flags))
         error = capsys.readouterr().err
         assert message in error and error.count("\n") == 1, error
-    resumed = train.parse_config(toy_flags(tmp_path, "--resume", "--steps", "40", "--eval-batch-size", "8"))
+    resumed = cli.parse_config(toy_flags(tmp_path, "--resume", "--steps", "40", "--eval-batch-size", "8"))
     assert resumed.eval_batch_size == 8  # a flag that changes no answer may change
 
 
 def test_a_fresh_run_over_an_earlier_one_is_refused_without_overwrite(tmp_path, capsys):
-    import train
+    import cli
 
-    train.start_run(train.parse_config(toy_flags(tmp_path)))
+    cli.start_run(cli.parse_config(toy_flags(tmp_path)))
     (tmp_path / "out" / "base" / "answers").mkdir(parents=True)
     (tmp_path / "out" / "base" / "answers" / "greedy_random_seed0.jsonl").write_text("{}\n")
     with pytest.raises(SystemExit):
-        train.parse_config(toy_flags(tmp_path))
+        cli.parse_config(toy_flags(tmp_path))
     error = capsys.readouterr().err
     assert "holds an earlier run (run.json, base): --resume continues it, --overwrite replaces it" in error
-    config = train.parse_config(toy_flags(tmp_path, "--overwrite", "--lr", "0.01"))
-    train.start_run(config)
+    config = cli.parse_config(toy_flags(tmp_path, "--overwrite", "--lr", "0.01"))
+    cli.start_run(config)
     assert "--overwrite: replacing the earlier run" in capsys.readouterr().out
     assert not (tmp_path / "out" / "base").exists()
     assert json.loads((tmp_path / "out" / "run.json").read_text())["settings"]["lr"] == 0.01
@@ -233,21 +233,21 @@ def test_the_checkpoint_and_examples_log_refuse_other_settings(tmp_path):
 
 
 def test_unreadable_images_stop_a_real_run_before_work_or_are_skipped(tmp_path, capsys):
-    import train
+    import cli
 
     (tmp_path / "images").mkdir()
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         Image.new("RGB", (64, 48), (90, 20, 20)).save(tmp_path / "images" / name, quality=90)
     whole = (tmp_path / "images" / "b.jpg").read_bytes()
     (tmp_path / "images" / "b.jpg").write_bytes(whole[:len(whole) // 2])  # a truncated JPEG: its header reads
-    config = train.Config(images=str(tmp_path / "images"), progress=False)
+    config = cli.Config(images=str(tmp_path / "images"), progress=False)
     with pytest.raises(SystemExit) as exit_:
-        train.readable_images(config)
+        cli.readable_images(config)
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert "--images: cannot read" in error and "b.jpg (Truncated File Read); 1 of 3 files unreadable" in error
     config.skip_unreadable = True
-    assert train.readable_images(config) == [str(tmp_path / "images" / n) for n in ("a.jpg", "c.jpg")]
+    assert cli.readable_images(config) == [str(tmp_path / "images" / n) for n in ("a.jpg", "c.jpg")]
     assert "--skip-unreadable: left out 1 of 3 --images files" in capsys.readouterr().out
 
 

@@ -115,12 +115,12 @@ def test_object_in_inverts_question_for():
         assert eval_pope.object_in(eval_pope.question_for(name)) == name
     with pytest.raises(ValueError, match="not a POPE question"):
         eval_pope.object_in("Describe the image.")
-    import train
+    import eval_pope
 
-    assert len(set(train.COCO_OBJECTS)) == 80  # the names SEED probes real checkpoints with by default
+    assert len(set(eval_pope.COCO_OBJECTS)) == 80  # the names SEED probes real checkpoints with by default
     if os.path.isdir(POPE_DIR):  # every official question asks about one of them
         questions = eval_pope.load_questions(os.path.join(POPE_DIR, "coco_pope_adversarial.json"))
-        assert {eval_pope.object_in(q["text"]) for q in questions} <= set(train.COCO_OBJECTS)
+        assert {eval_pope.object_in(q["text"]) for q in questions} <= set(eval_pope.COCO_OBJECTS)
 
 
 def test_bad_question_files_name_the_file_and_line(tmp_path):

@@ -148,7 +148,9 @@ def test_self_evolve_and_pope_run_on_qwen_as_on_llava(processor, tmp_path):
     """train.py's loop and POPE answering on a Qwen2.5-VL (AutoProcessor cannot load its processor here: the
     video processor needs torchvision, which does not import beside this CPU torch; with it, train.py --model
     loads the same classes)."""
+    import cli
     import eval_pope
+    import report
     import train
 
     model = tiny_qwen_vl(processor)
@@ -158,7 +160,7 @@ def test_self_evolve_and_pope_run_on_qwen_as_on_llava(processor, tmp_path):
     questions = [{"question_id": i + 1, "image": f"val{i % 3}.png", "text": f"Is there a {o} in the image?",
                   "label": "yes" if i % 2 else "no"} for i, o in enumerate(["cat", "dog", "cup", "key"])]
     eval_pope.write_jsonl(questions, str(tmp_path / "coco_pope_random.json"))
-    config = train.Config(steps=3, batch_size=4, probes_per_image=2, description_tokens=4, checkpoint_every=0,
+    config = cli.Config(steps=3, batch_size=4, probes_per_image=2, description_tokens=4, checkpoint_every=0,
                           progress=False, noise_step=500, sample_seeds=1, eval_batch_size=4, out=str(tmp_path))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model, history = train.self_evolve(model, processor, pictures, ["cat", "dog", "cup", "key"], str(tmp_path / "seed"),
@@ -166,7 +168,7 @@ def test_self_evolve_and_pope_run_on_qwen_as_on_llava(processor, tmp_path):
     assert len(history[0]["log"]) == 3 and all(torch.isfinite(torch.tensor(x["loss"])) for x in history[0]["log"])
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all(".language_model." in n and n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
-    results = train.evaluate(model, processor, {"random": str(tmp_path / "coco_pope_random.json")}, str(tmp_path),
+    results = report.evaluate(model, processor, {"random": str(tmp_path / "coco_pope_random.json")}, str(tmp_path),
                              str(tmp_path / "answers"), config, contrast=True)
     assert 0 <= results["greedy"]["random"]["f1"] <= 1
     assert len(eval_pope.read_answers(str(tmp_path / "answers" / "vcd-greedy_random_seed0.jsonl"))) == 4

@@ -124,6 +124,7 @@ def test_void_eps_sets_the_reverse_kl_floor(llava, processor):
 
 def small_evolve(model, processor, out_dir, **kwargs):
     """train.self_evolve at a tiny budget: the loop that python train.py runs."""
+    import cli
     import toyworld
     import train
 
@@ -132,7 +133,7 @@ def small_evolve(model, processor, out_dir, **kwargs):
     options = dict(rounds=1, steps=6, batch_size=4, probes_per_image=2, description_tokens=4, checkpoint_every=2,
                    progress=False, noise_step=500)
     options.update(kwargs)
-    return train.self_evolve(model, processor, images, world["names"], out_dir, train.Config(**options),
+    return train.self_evolve(model, processor, images, world["names"], out_dir, cli.Config(**options),
                              divergence="reverse", description=toyworld.DESCRIBE)
 
 

@@ -36,10 +36,10 @@ def test_train_at_a_tiny_budget_writes_a_valid_results_json(tmp_path):
         assert (out / method / "round0" / "adapter.safetensors").exists()
     assert "diagnostic" in results
     # SEED + VCD: VCD decoding (the run's contrast) on the merged reverse-KL model, as eval_pope.py answers it
+    import cli
     import decode
     import eval_pope
     import toyworld
-    import train
 
     model, processor = decode.load_model(str(out / "seed_reverse" / "merged"))
     world_config = toyworld.WorldConfig(steps=15)
@@ -47,7 +47,7 @@ def test_train_at_a_tiny_budget_writes_a_valid_results_json(tmp_path):
     pope_files, image_dir, _ = toyworld.eval_set(4, world, world_config)
     eval_pope.answer_questions(model, processor, pope_files["random"], image_dir, str(tmp_path / "vcd.jsonl"),
                                decoding="vcd-greedy", batch_size=64, max_new_tokens=4, progress=False,
-                               **eval_pope.contrast_settings(train.parse_config([])))
+                               **eval_pope.contrast_settings(cli.parse_config([])))
     row = eval_pope.read_answers(str(out / "seed_reverse_vcd" / "answers" / "vcd-greedy_random_seed0.jsonl"))
     assert [a["text"] for a in row] == [a["text"] for a in eval_pope.read_answers(str(tmp_path / "vcd.jsonl"))]
     from PIL import Image
@@ -105,7 +105,7 @@ def test_merged_weights_are_the_merged_model_and_leave_the_model_as_it_was(llava
     import torch
 
     import adapter
-    import train
+    import report
 
     def trained_adapter(model, path, seed):
         adapter.add_adapter(model, rank=4)
@@ -119,7 +119,7 @@ def test_merged_weights_are_the_merged_model_and_leave_the_model_as_it_was(llava
     trained_adapter(scratch, str(tmp_path / "round0"), seed=0)
     trained_adapter(scratch, str(tmp_path / "round1"), seed=1)  # two rounds, merged one after the other
     before = {n: p.detach().clone() for n, p in llava.named_parameters()}
-    merged = train.merged_weights(llava, [str(tmp_path / "round0"), str(tmp_path / "round1")])
+    merged = report.merged_weights(llava, [str(tmp_path / "round0"), str(tmp_path / "round1")])
     assert all(torch.equal(p, before[n]) for n, p in llava.named_parameters())  # put back as it was
     assert merged and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in merged)
     reference = dict(scratch.named_parameters())  # the base with both rounds merged the usual way
@@ -132,7 +132,7 @@ def test_answer_costs_times_every_row_and_puts_the_base_weights_back(llava, proc
     from PIL import Image
 
     import eval_pope
-    import train
+    import report
 
     for i in range(2):
         Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / f"im{i}.png")
@@ -142,7 +142,7 @@ def test_answer_costs_times_every_row_and_puts_the_base_weights_back(llava, proc
     name = next(n for n, _ in llava.named_parameters() if n.endswith("q_proj.weight"))
     before = {n: p.detach().clone() for n, p in llava.named_parameters()}
     rows = {"base": ({}, False), "vcd": ({}, True), "seed": ({name: torch.zeros_like(before[name])}, False)}
-    costs = train.answer_costs(llava, processor, str(tmp_path / "q.json"), str(tmp_path), 2, rows, repeats=2)
+    costs = report.answer_costs(llava, processor, str(tmp_path / "q.json"), str(tmp_path), 2, rows, repeats=2)
     assert set(costs) == {"base", "vcd", "seed"} and all(seconds > 0 for seconds in costs.values())
     assert all(torch.equal(p, before[n]) for n, p in llava.named_parameters())
 
@@ -151,19 +151,20 @@ def test_vcd_rows_use_the_contrast_the_flags_set(llava, processor, tmp_path, gen
     """The VCD row and its captions contrast with --alpha / --beta / --noise-step, as SEED's teacher does."""
     from PIL import Image
 
+    import cli
     import eval_pope
-    import train
+    import report
 
     for i in range(2):
         Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / f"im{i}.png")
     questions = [{"question_id": i, "image": f"im{i}.png", "text": "Is there a cat in the image?", "label": "no"}
                  for i in range(2)]
     eval_pope.write_jsonl(questions, str(tmp_path / "q.json"))
-    config = train.parse_config(["--alpha", "0.5", "--beta", "0.2", "--noise-step", "600", "--sample-seeds", "1",
+    config = cli.parse_config(["--alpha", "0.5", "--beta", "0.2", "--noise-step", "600", "--sample-seeds", "1",
                                  "--no-progress", "--out", str(tmp_path / "out")])
-    train.evaluate(llava, processor, {"random": str(tmp_path / "q.json")}, str(tmp_path), str(tmp_path / "answers"),
+    report.evaluate(llava, processor, {"random": str(tmp_path / "q.json")}, str(tmp_path), str(tmp_path / "answers"),
                    config, contrast=True)
-    train.caption_hallucination(llava, processor, str(tmp_path), {"im0.png": ["cat"], "im1.png": []}, ["cat"],
+    report.caption_hallucination(llava, processor, str(tmp_path), {"im0.png": ["cat"], "im1.png": []}, ["cat"],
                                 contrast=True, **eval_pope.contrast_settings(config))
     assert len(generate_calls) == 3  # greedy, one sampling seed, captions
     assert all(s == {"contrast": True, "alpha": 0.5, "beta": 0.2, "noise_step": 600} for s in generate_calls)
@@ -187,15 +188,15 @@ def real_run_flags(tmp_path):
 
 
 def test_noise_step_defaults_to_the_toy_worlds_or_vcds(tmp_path):
+    import cli
     import toyworld
-    import train
 
     out = ["--out", str(tmp_path / "toy")]
-    assert train.parse_config(out).noise_step == toyworld.NOISE_STEP == 700
+    assert cli.parse_config(out).noise_step == toyworld.NOISE_STEP == 700
     real = real_run_flags(tmp_path)
-    assert train.parse_config(real).noise_step == 500  # VCD's, on a real checkpoint
-    assert train.parse_config(real + ["--noise-step", "650"]).noise_step == 650
-    assert train.parse_config(out + ["--noise-step", "400"]).noise_step == 400
+    assert cli.parse_config(real).noise_step == 500  # VCD's, on a real checkpoint
+    assert cli.parse_config(real + ["--noise-step", "650"]).noise_step == 650
+    assert cli.parse_config(out + ["--noise-step", "400"]).noise_step == 400
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -214,10 +215,10 @@ def test_noise_step_defaults_to_the_toy_worlds_or_vcds(tmp_path):
     (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite replaces it: give one"),
 ])
 def test_bad_flags_are_refused_in_one_line_before_any_work(flags, message, capsys, tmp_path):
-    import train
+    import cli
 
     with pytest.raises(SystemExit) as exit_:
-        train.parse_config(flags + ["--out", str(tmp_path / "out")])
+        cli.parse_config(flags + ["--out", str(tmp_path / "out")])
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and message in error and error.count("\n") == 1
 
@@ -244,15 +245,15 @@ def test_bad_flags_are_refused_in_one_line_before_any_work(flags, message, capsy
                                                           "would train on the test set"),
 ])
 def test_a_real_runs_paths_are_checked_before_any_work(tmp_path, capsys, break_it, message):
-    import train
+    import cli
 
     flags = real_run_flags(tmp_path)
     break_it(tmp_path)
     if message is None:
-        assert train.parse_config(flags).model == str(tmp_path / "model")
+        assert cli.parse_config(flags).model == str(tmp_path / "model")
         return
     message = message.format(t=tmp_path)
     with pytest.raises(SystemExit):
-        train.parse_config(flags)
+        cli.parse_config(flags)
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
