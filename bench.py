@@ -36,6 +36,7 @@ import torch
 
 import adapter
 import decode
+import models
 import seed
 
 SHAPES = {
@@ -264,7 +265,7 @@ def main(argv=None):
     # 4. decoding throughput: this project's greedy loop against transformers' own generate (greedy, KV
     # cache, the same batch, exactly decode_tokens new tokens on both, the image placeholders suppressed on
     # both), and the purified two-pass decoding that makes SEED's examples
-    placeholders = decode.placeholder_token_ids(model)
+    placeholders = models.placeholder_token_ids(model)
     n = args.decode_tokens
 
     def ours(contrast=False):

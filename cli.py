@@ -18,6 +18,7 @@ import torch
 import distributed
 import eval_pope
 import purge
+import runs
 
 
 
@@ -36,7 +37,8 @@ class Config:
                                                                "toyworld_base/ (--no-shipped-base pretrains it here, "
                                                                "into the cache, as every other world is)"})
     seed: int = field(default=0, metadata={"help": "seed of everything else (adapter init, batches, noise)"})
-    rounds: int = field(default=1, metadata={"help": "self-evolution rounds (METHOD.md 5; paper: 1)"})
+    rounds: int = field(default=2, metadata={"help": "self-evolution rounds, each from the model the last one merged "
+                                                     "(METHOD.md 5; ours: 2, measured in docs/EXPERIMENTS.md)"})
     steps: int = field(default=600, metadata={"help": "SEED optimiser steps per round (ours)"})
     loss: str = field(default="both", metadata={"help": "reverse (SEED), forward (classic KD) or both (the "
                                                         "paper's ablation)", "choices": ["both", "reverse", "forward"]})
@@ -173,7 +175,7 @@ def earlier_run_problem(args):
             return f"--resume: {args.out} holds a run that does not say what it was made with (no run.json)"
         with open(run_file) as f:
             recorded = json.load(f)["settings"]
-        difference = eval_pope.first_difference(recorded, content_settings(args))
+        difference = runs.first_difference(recorded, content_settings(args))
         if difference:
             flag, old, new = difference
             return (f"--resume: {args.out} was made with --{flag.replace('_', '-')} {old}, this run has {new}: give "
@@ -239,10 +241,7 @@ def start_run(config):
             path = os.path.join(config.out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(config.out, exist_ok=True)
-    tmp = os.path.join(config.out, "run.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"settings": content_settings(config)}, f, indent=1)
-    os.replace(tmp, os.path.join(config.out, "run.json"))
+    runs.write_json(os.path.join(config.out, "run.json"), {"settings": content_settings(config)}, indent=1)
 
 
 def readable_images(config, say=print):
@@ -258,3 +257,39 @@ def readable_images(config, say=print):
         say(f"--skip-unreadable: left out {len(bad)} of {len(paths)} --images files ({bad[0][0]}, ...)")
         paths = [p for p in paths if p not in {b for b, _ in bad}]
     return paths
+
+
+@dataclass
+class RunData:
+    """What a run evaluates and trains on: the base checkpoint, POPE's files and images, the unlabeled
+    images, the names the probes ask about and the description prompt; the toy world's own too."""
+    model_path: str
+    pope_files: dict
+    image_dir: str
+    unlabeled: list
+    object_names: list
+    description: str
+    world: dict = None  # toy world only: its classes and partners, and the scenes' true contents
+    world_config: object = None
+    objects_by_image: dict = None
+
+
+def run_data(config, unlabeled):
+    """The toy world's data (its base model built or loaded, under torchrun by process 0 first), or, for
+    --model, the folders the flags name with `unlabeled` the --images files already checked readable."""
+    if config.model is not None:
+        object_names = (open(config.objects).read().split("\n") if config.objects else list(eval_pope.COCO_OBJECTS))
+        return RunData(config.model, pope_files_in(config.pope), config.pope_images, unlabeled,
+                       [n.strip() for n in object_names if n.strip()], "Describe this image in detail.")
+    import toyworld
+
+    world_config = toyworld.WorldConfig(world_seed=config.world_seed, steps=config.pretrain_steps)
+    if not distributed.is_main():
+        distributed.barrier()  # process 0 builds the cache first (pretraining, if the world needs it)
+    model_path, world = toyworld.build(world_config, progress=config.progress, shipped=config.shipped_base)
+    pope_files, image_dir, objects_by_image = toyworld.eval_set(config.eval_images, world, world_config)
+    if distributed.is_main():
+        distributed.barrier()
+    unlabeled = toyworld.unlabeled_images(world, config.unlabeled, seed=config.seed + 20_000, config=world_config)
+    return RunData(model_path, pope_files, image_dir, unlabeled, list(world["names"]), toyworld.DESCRIBE, world,
+                   world_config, objects_by_image)

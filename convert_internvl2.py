@@ -31,7 +31,6 @@ import shutil
 import struct
 import sys
 
-import torch
 
 # InternVL2's image tokens (its modeling_internvl_chat.py constants, also in its tokenizer_config.json)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"

@@ -15,6 +15,8 @@ import os
 import torch
 import torch.distributed as dist
 
+import models
+
 
 def launched_processes():
     """How many processes torchrun launched (its WORLD_SIZE; 1 without torchrun), known before start()."""
@@ -126,3 +128,32 @@ def sum_value(value):
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=_device())
     dist.all_reduce(tensor)
     return tensor.item()
+
+
+def process_rows(model, batch, noise_step, generator):
+    """This process's rows of a global batch under torchrun, and their share of its response positions.
+
+    The distortion is drawn for the whole batch first, with the step's generator, as one process
+    draws it, and each process keeps its rows of it (distorted_pixel_values): N processes then see
+    the noise one process would (noise_step None: no distortion, for a recorded teacher, whose
+    positions are cut to this process's rows instead). The SEED loss is a mean over response
+    positions, so a process's loss times its share, summed over the processes, is the one-process
+    loss (and so are the gradients, summed by sum_gradients).
+    """
+    rows = batch["input_ids"].shape[0]
+    per_process = -(-rows // world_size())
+    start, stop = share(rows, per_process)
+    net = models.transformers_model(model)
+    pixel_rows = models.pixel_rows_per_question(net, batch["pixel_values"], batch["input_ids"])
+    first, last = sum(pixel_rows[:start]), sum(pixel_rows[:stop])
+    per_row = batch["response_mask"][:, 1:].sum(-1).tolist()  # response positions of each row
+    at, until = sum(per_row[:start]), sum(per_row[:stop])
+    per_position = ("teacher_ids", "teacher_logits")
+    mine = {key: value[start:stop] for key, value in batch.items() if key not in ("pixel_values",) + per_position}
+    mine.update({key: batch[key][at:until] for key in per_position if key in batch})
+    mine.update(pixel_values=batch["pixel_values"][first:last])
+    if noise_step is not None:
+        mine["distorted_pixel_values"] = models.distort_images(net, batch["pixel_values"], noise_step,
+                                                               generator)[first:last]
+    positions = batch["response_mask"][:, 1:]
+    return mine, float(positions[start:stop].sum() / positions.sum())

@@ -17,7 +17,6 @@ Not from the paper: the scorer's rule is the official one, quirks included; ever
 (batching, resuming, error messages) is ours.
 """
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -29,7 +28,9 @@ import torch
 
 import decode
 import distributed
+import models
 import purge
+import runs
 
 PROMPT_SUFFIX = " Please answer this question with one word."
 SPLITS = ("random", "popular", "adversarial")
@@ -135,35 +136,11 @@ def objects_from_coco(coco):
 # ---------------------------------------------------------------------------------------------
 # Question and answer files, and the checks made before any work
 
-def json_lines(path):
-    """[(line number, record)] of a JSON-lines file, read only: blank lines skipped, every other line a
-    JSON object, else an error naming the file and the line. The file is never changed (scoring must
-    not alter what it scores)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    records = []
-    with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
-                                 f"{error.start + 1})") from None
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not a JSON line ({error.msg} at column "
-                                 f"{error.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: a JSON {type(record).__name__}, not an object (a record)")
-            records.append((line_number, record))
-    return records
-
 
 def load_questions(path, labelled=False):
     """Read a POPE question file (JSON lines); errors name the file, the line and the question_id.
     labelled: every question must carry its "label", yes or no (scoring needs it)."""
-    numbered = json_lines(path)
+    numbered = runs.json_lines(path)
     for line_number, record in numbered:
         needed = ("question_id", "image", "text") + (("label",) if labelled else ())
         missing = [key for key in needed if key not in record]
@@ -182,7 +159,7 @@ def load_questions(path, labelled=False):
 def read_answers(path):
     """The answers of a JSON-lines file: each an object with a question_id and a "text", one per
     question_id; anything else is an error naming the file and the line. The file is never changed."""
-    numbered = json_lines(path)
+    numbered = runs.json_lines(path)
     for line_number, record in numbered:
         if "question_id" not in record or not isinstance(record.get("text"), str):
             raise ValueError(f"{path}:{line_number}: an answer needs a question_id and a \"text\" string, got keys "
@@ -199,58 +176,6 @@ def refuse_repeated_ids(path, numbered, what):
             raise ValueError(f"{path}:{line_number}: {what} question_id {record['question_id']} (the first on line "
                              f"{first[record['question_id']]})")
         first[record["question_id"]] = line_number
-
-
-def first_difference(made, wanted):
-    """(setting, recorded value, wanted value) of the first setting in which two made_with records differ
-    (nested dicts looked into; in the order of `wanted`, then what only `made` has), or None."""
-    for key in list(wanted) + [k for k in made if k not in wanted]:
-        old, new = made.get(key), wanted.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            inner = first_difference(old, new)
-            if inner:
-                return inner
-        elif old != new:
-            return key, old, new
-    return None
-
-
-def setting_name(key):
-    """How a refusal names a made_with setting: as its flag, or by what it fingerprints."""
-    names = {"questions": "the question file (its sha256)", "run": "the run's settings (their sha256, run.json)"}
-    return names.get(key, "--" + key.replace("_", "-"))
-
-
-def resume_records(path, made_with):
-    """The records a resumed run keeps from the JSON-lines file it appends to: all of them, after
-    cutting a torn final line (a crash mid-write leaves one without its newline; only the writer of
-    the file, resuming it, may cut it), each of which must have been made with `made_with` (its
-    "made_with" field); a record made otherwise is an error naming the setting and both values."""
-    if not os.path.exists(path):
-        return []
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: a folder, not a JSON-lines file")
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-        print(f"{path}: cut a torn last line ({len(data) - keep} bytes, no newline): a crash mid-write; "
-              f"that line is made again", file=sys.stderr)
-    records = []
-    for line_number, record in json_lines(path):
-        made = record.pop("made_with", None)
-        if made is None:
-            raise ValueError(f"{path}:{line_number}: the record does not say what it was made with (an older "
-                             f"version's file): delete the file, or write elsewhere")
-        difference = first_difference(made, made_with)
-        if difference:
-            key, old, new = difference
-            raise ValueError(f"{path}:{line_number}: made with {setting_name(key)} {old!r}, but this run has {new!r}: "
-                             f"rerun with the same settings, or write elsewhere (or delete the file)")
-        records.append(record)
-    return records
 
 
 def fingerprint(path):
@@ -348,49 +273,32 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
     Rerunning with the same `out_path` and settings resumes after the last answer written; a file
     made with other settings (answer_settings) is refused. Returns the answers.
     """
-    from tqdm import tqdm
-
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {sorted(DECODINGS)}, got {decoding!r}")
     questions = load_questions(question_file)
     settings = answer_settings(question_file, decoding, seed, max_new_tokens, made_with, **decode_options)
-    # Under torchrun process 0 reads the file (cutting a torn last line) and writes it; every process
-    # decodes a batch of each chunk of batch_size x processes questions, gathered in order.
-    main = distributed.is_main()
-    answers = distributed.broadcast(resume_records(out_path, settings) if main else None)
+    # Under torchrun process 0 reads the file (cutting a torn last line) and writes it
+    answers = distributed.broadcast(runs.resume_records(out_path, settings) if distributed.is_main() else None)
     done = {a["question_id"] for a in answers}
     todo = [q for q in questions if q["question_id"] not in done]
     device = next(model.parameters()).device
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"POPE {decoding}",
-               disable=not progress)
-    chunk_size = batch_size * distributed.world_size()
-    with open(out_path, "a") if main and todo else contextlib.nullcontext() as out:
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start:start + chunk_size]
-            first, stop = distributed.share(len(chunk), batch_size)
-            records = []
-            if first < stop:
-                mine = chunk[first:stop]
-                prompts = [q["text"] + PROMPT_SUFFIX for q in mine]
-                inputs = decode.prompt_batch(processor, [os.path.join(image_dir, q["image"]) for q in mine], prompts,
-                                             device)  # reads the images (an unreadable one is named)
-                generators = [decode.seeded_generator(seed, int(q["question_id"])) for q in mine]
-                ids = decode.generate(model, inputs, max_new_tokens, generators=generators,
-                                      eos_token_id=processor.tokenizer.eos_token_id,
-                                      suppress_token_ids=decode.placeholder_token_ids(model, processor),
-                                      **DECODINGS[decoding], **decode_options)
-                records = [{"question_id": q["question_id"], "prompt": prompt,
-                            "text": processor.tokenizer.decode(row, skip_special_tokens=True).strip(),
-                            "label": q.get("label")} for q, prompt, row in zip(mine, prompts, ids)]
-            records = distributed.gather(records)
-            answers += records
-            if main:
-                out.write("".join(json.dumps({**record, "made_with": settings}) + "\n" for record in records))
-                out.flush()
-                os.fsync(out.fileno())  # a crash or Ctrl-C after this point loses nothing of this batch
-            bar.update(len(chunk))
-    bar.close()
+
+    def answer_batch(batch, _):
+        prompts = [q["text"] + PROMPT_SUFFIX for q in batch]
+        inputs = models.prompt_batch(processor, [os.path.join(image_dir, q["image"]) for q in batch], prompts,
+                                     device)  # reads the images (an unreadable one is named)
+        generators = [decode.seeded_generator(seed, int(q["question_id"])) for q in batch]  # by question, not batch
+        ids = decode.generate(model, inputs, max_new_tokens, generators=generators,
+                              eos_token_id=processor.tokenizer.eos_token_id,
+                              suppress_token_ids=models.placeholder_token_ids(model, processor),
+                              **DECODINGS[decoding], **decode_options)
+        return [{"question_id": q["question_id"], "prompt": prompt,
+                 "text": processor.tokenizer.decode(row, skip_special_tokens=True).strip(), "label": q.get("label")}
+                for q, prompt, row in zip(batch, prompts, ids)]
+
+    answers += runs.decode_and_log(todo, answer_batch, batch_size, out_path, settings, progress=progress,
+                                   desc=f"POPE {decoding}", total=len(questions))
     distributed.barrier()  # the file is complete before any process scores it
     return answers
 
@@ -575,16 +483,16 @@ def answer_command(args):
     made_with = {"model": os.path.abspath(args.model), "dtype": str(dtype).removeprefix("torch.")}
     settings = answer_settings(args.questions, args.decoding, args.seed, args.max_new_tokens, made_with, **contrast)
     try:
-        done = resume_records(args.out, settings)  # a file made otherwise is refused before the model loads
+        done = runs.resume_records(args.out, settings)  # a file made otherwise is refused before the model loads
     except ValueError as error:
         raise Refused(str(error)) from None
-    model, processor = decode.load_model(args.model, args.device, dtype)
+    model, processor = models.load_model(args.model, args.device, dtype)
     try:
         answers = answer_questions(model, processor, args.questions, image_dir=args.images, out_path=args.out,
                                    decoding=args.decoding, batch_size=args.batch_size, seed=args.seed,
                                    max_new_tokens=args.max_new_tokens, made_with=made_with, **contrast)
     except KeyboardInterrupt:
-        kept = len(resume_records(args.out, settings)) if os.path.exists(args.out) else 0
+        kept = len(runs.resume_records(args.out, settings)) if os.path.exists(args.out) else 0
         sys.exit(f"stopped: {kept} answers kept in {args.out} ({len(done)} before this run); the same command "
                  f"resumes after them")
     print(f"{len(answers)} answers in {args.out}")

@@ -15,6 +15,8 @@ import cli
 import decode
 import distributed
 import eval_pope
+import losses
+import models
 import seed
 
 # The table's rows, in its order: the base model, VCD decoding on it (two passes a token), SEED with
@@ -64,8 +66,8 @@ def answer_costs(model, processor, question_file, image_dir, batch_size, rows, r
     questions = eval_pope.load_questions(question_file)[:batch_size]
     images = [os.path.join(image_dir, q["image"]) for q in questions]  # prompt_batch reads them
     device = next(model.parameters()).device
-    inputs = decode.prompt_batch(processor, images, [q["text"] + eval_pope.PROMPT_SUFFIX for q in questions],
-                                    device)
+    inputs = models.prompt_batch(processor, images, [q["text"] + eval_pope.PROMPT_SUFFIX for q in questions],
+                                 device)
     parameters = dict(model.named_parameters())
     swapped = sorted({name for weights, _ in rows.values() for name in weights})
     base = {name: parameters[name].detach().clone() for name in swapped}
@@ -133,7 +135,7 @@ def draw_pictures(results, splits, pope_files, image_dir, out):
         os.path.join(out, m, "answers", f"greedy_{split}_seed0.jsonl"))} for m in ("base", seeds[-1])}
     differ = [i for i in sorted(questions) if answers["base"][i] != answers[seeds[-1]][i]]
     ids = sorted(differ[:6] + [i for i in sorted(questions) if i not in differ][:8 - len(differ[:6])])
-    cards = [(decode.open_image(os.path.join(image_dir, questions[i]["image"])), questions[i]["text"],
+    cards = [(models.open_image(os.path.join(image_dir, questions[i]["image"])), questions[i]["text"],
               questions[i].get("label"), answers["base"][i], answers[seeds[-1]][i]) for i in ids]
     pictures.scene_sheet(cards, os.path.join(out, "scenes.png"),
                          title=f"POPE {split}, greedy: {len(differ)} of {len(questions)} answers differ between the base "
@@ -152,11 +154,11 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
     for start in distributed.batch_starts(len(names), batch_size):
         chunk = names[start:start + batch_size]
         images = [os.path.join(image_dir, n) for n in chunk]  # prompt_batch reads them
-        inputs = decode.prompt_batch(processor, images, ["Describe the image."] * len(chunk), device)
+        inputs = models.prompt_batch(processor, images, ["Describe the image."] * len(chunk), device)
         generators = [decode.seeded_generator(0, start + i) for i in range(len(chunk))]
         ids = decode.generate(model, inputs, 24, contrast=contrast, generators=generators,
                                  eos_token_id=processor.tokenizer.eos_token_id,
-                                 suppress_token_ids=decode.placeholder_token_ids(model, processor), **contrast_options)
+                                 suppress_token_ids=models.placeholder_token_ids(model, processor), **contrast_options)
         for name, row in zip(chunk, ids):
             mentioned = seed.mentions(processor.tokenizer.decode(row, skip_special_tokens=True), object_names)
             hallucinated = [o for o in mentioned if o not in objects_by_image[name]]
@@ -198,3 +200,94 @@ def format_results(results, splits):
                  "at step 0).\ncost: seconds per POPE answer relative to base (median of timed batches).")
     return "\n".join(lines)
 
+
+@torch.no_grad()
+def held_out_void_mass(model, processor, images, examples, batch_size, alpha, beta, noise_step, noise_seed,
+                       recorded=False):
+    """Mean student probability on the purified teacher's void tokens, over held-out response positions:
+    the online teacher's (fresh noise), or with recorded=True the one recorded with each example.
+    Under torchrun each process measures every P-th batch and the sums are added up."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in distributed.batch_starts(len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in seed.collate(examples[start:start + batch_size], processor, images).items()}
+        if recorded:
+            _, teacher, student = seed.recorded_seed_step(model, batch)
+            mass = losses.sparse_void_mass(student, *teacher)
+        else:
+            _, teacher, student = seed.seed_step(model, batch, "reverse", alpha=alpha, beta=beta, noise_step=noise_step,
+                                                 generator=decode.seeded_generator(noise_seed, 999_983 + start))
+            mass = losses.void_mass(student, teacher)
+        total += mass.item() * student.shape[0]
+        count += student.shape[0]
+    total, count = distributed.sum_value(total), distributed.sum_value(count)
+    return total / max(count, 1)
+
+
+def measure(model, processor, data, answers_dir, config, contrast=False):
+    """One row of the table: POPE on every split (evaluate), and CHAIR on the toy world's captions."""
+    pope = evaluate(model, processor, data.pope_files, image_dir=data.image_dir, answers_dir=answers_dir,
+                    config=config, contrast=contrast)
+    if data.world is not None:  # CHAIR needs the scenes' true contents
+        pope["captions"] = caption_hallucination(model, processor, data.image_dir, data.objects_by_image,
+                                                 data.object_names, contrast=contrast,
+                                                 **eval_pope.contrast_settings(config))
+    return pope
+
+
+def prior_diagnostic(model, processor, data, config, results, say):
+    """Toy world: why the contrast can work, what survives distortion is the prior (P(yes), clean ->
+    distorted, on present objects and on absent partners), into results["diagnostic"]."""
+    if data.world is None:
+        return
+    import toyworld
+
+    results["diagnostic"] = toyworld.diagnose(model, processor, data.world, noise_step=config.noise_step,
+                                              config=data.world_config)
+    say(f"mean P(yes), clean -> distorted (k={config.noise_step}): " + ", ".join(
+        f"{group} {d['clean']:.2f} -> {d['distorted']:.2f}" for group, d in results["diagnostic"].items()))
+
+
+def partner_share(data, config, results, say):
+    """Toy world: the base model's greedy false positives, and the share of them that are partners of
+    present objects (where a language prior lives), per split."""
+    if data.world is None:
+        return
+    import toyworld
+
+    for split in data.pope_files:
+        share, base_rate, count = toyworld.false_positive_partners(
+            data.pope_files[split], os.path.join(config.out, "base", "answers", f"greedy_{split}_seed0.jsonl"),
+            data.objects_by_image, data.world)
+        results["diagnostic"][f"false_positive_partner_share_{split}"] = share
+        say(f"base, greedy, {split}: {count} false positives, {share:.0%} of them partners of present objects "
+            f"(partners are {base_rate:.0%} of the negatives)")
+
+
+def round_figures(history):
+    """Each round's held-out void mass at its start and end, and its final loss (the mean of its last 20
+    steps; a round finished before a --resume is replayed from its adapter and has no log)."""
+    return {"void_mass": [h["void_mass"] for h in history],
+            "void_mass_at_start": [h["void_mass_at_start"] for h in history],
+            "final_loss": [statistics.mean(x["loss"] for x in h["log"][-20:]) for h in history if h["log"]]}
+
+
+def time_rows(model, processor, data, divergences, config, results):
+    """Every row's seconds per answer, on one freshly loaded copy of the weights (answer_costs), into results."""
+    rows = {"base": ({}, False), "vcd": ({}, True)}
+    for divergence in divergences:  # the merged SEED model: the base plus each round's adapter, merged
+        rounds = [os.path.join(config.out, f"seed_{divergence}", f"round{r}") for r in range(config.rounds)]
+        rows[f"seed_{divergence}"] = (merged_weights(model, rounds), False)
+    if "seed_reverse" in rows:
+        rows["seed_reverse_vcd"] = (rows["seed_reverse"][0], True)
+    costs = answer_costs(model, processor, data.pope_files["random"], image_dir=data.image_dir,
+                         batch_size=config.eval_batch_size, rows=rows)
+    for method, seconds in costs.items():
+        results[method]["seconds_per_answer"] = seconds
+
+
+def show(results, data, out):
+    """The table on stdout, results.png and scenes.png beside results.json in `out`."""
+    print(format_results(results, list(data.pope_files)))
+    draw_pictures(results, list(data.pope_files), pope_files=data.pope_files, image_dir=data.image_dir, out=out)
+    print(f"\nall numbers: {os.path.join(out, 'results.json')}; pictures: results.png, scenes.png")

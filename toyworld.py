@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import decode
 import eval_pope
+import models
 import purge
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def prompt_ids(processor, text):
 
         size = processor.image_processor.crop_size["height"]
         blank = Image.new("RGB", (size, size))
-        _PROMPT_IDS[key] = processor(images=[blank], text=[decode.chat_prompt(processor, text)]).input_ids[0]
+        _PROMPT_IDS[key] = processor(images=[blank], text=[models.chat_prompt(processor, text)]).input_ids[0]
     return _PROMPT_IDS[key]
 
 
@@ -291,8 +291,6 @@ def training_batches(world, config, processor):
     the diffusion step row i was shown at, None for a clean image). Everything is drawn from
     config.seed alone, so the stream is the same on every machine up to the float noise.
     """
-    import purge
-
     rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     scenes = [sample_scene(world, rng, config.partner_rate) for _ in range(config.train_scenes)]
@@ -418,12 +416,10 @@ def unlabeled_images(world, n_images, seed=20_000, config=None, min_objects=3):
 @torch.no_grad()
 def yes_probability(model, processor, images, names, noise_step=None, seed=0):
     """P('yes') / (P('yes') + P('no')) for 'Is there a {name}?' on each image, optionally distorted."""
-    import purge
-
     tokenizer = processor.tokenizer
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-    inputs = decode.prompt_batch(processor, images, [eval_pope.question_for(n) + eval_pope.PROMPT_SUFFIX
-                                                        for n in names], next(model.parameters()).device)
+    inputs = models.prompt_batch(processor, images, [eval_pope.question_for(n) + eval_pope.PROMPT_SUFFIX
+                                                     for n in names], next(model.parameters()).device)
     pixels = inputs["pixel_values"]
     if noise_step is not None:
         pixels = purge.distort(pixels, noise_step, torch.Generator().manual_seed(seed))

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import decode  # noqa: E402
 import losses  # noqa: E402
+import models  # noqa: E402
 import seed  # noqa: E402
 import toyworld  # noqa: E402
 
@@ -96,7 +96,7 @@ def main(out):
     print(f"world {config['world_seed']}, {len(trained)} training examples, {len(held_out)} held out")
     tops = {}
     for name, path in (("base", model_path), ("student", os.path.join(out, "seed_reverse", "merged"))):
-        model, processor = decode.load_model(path)
+        model, processor = models.load_model(path)
         eos = processor.tokenizer.eos_token_id
         tops[name] = {part: first_answers(model, processor, images, chunk, eos)
                       for part, chunk in (("trained", trained), ("held out", held_out))}

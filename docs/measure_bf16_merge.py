@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import adapter  # noqa: E402
-import decode  # noqa: E402
 import eval_pope  # noqa: E402
+import models  # noqa: E402
 import toyworld  # noqa: E402
 
 out = sys.argv[1]
@@ -28,7 +28,7 @@ adapter_dir = os.path.join(out, "seed_reverse", "round0")
 
 
 def variant(name):
-    model, processor = decode.load_model(path, "cpu", torch.float32 if name == "float32 merged" else torch.bfloat16)
+    model, processor = models.load_model(path, "cpu", torch.float32 if name == "float32 merged" else torch.bfloat16)
     adapter.load_adapter(model, adapter_dir)
     if name != "bf16 base + float32 adapter":
         adapter.merge_adapter(model)
@@ -41,7 +41,7 @@ for name in ("float32 merged", "bf16 base + float32 adapter", "bf16 merged"):
     model, processor = variant(name)
     if name == "bf16 merged":
         layers = [n for n, _ in model.named_parameters() if n.endswith(("q_proj.weight", "v_proj.weight"))]
-        ref, _ = decode.load_model(path, "cpu", torch.bfloat16)
+        ref, _ = models.load_model(path, "cpu", torch.bfloat16)
         ref_params = dict(ref.named_parameters())
         moved = sum(int((dict(model.named_parameters())[n] != ref_params[n]).sum()) for n in layers)
         total = sum(ref_params[n].numel() for n in layers)

@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import decode  # noqa: E402
+import models  # noqa: E402
 import toyworld  # noqa: E402
 
 
@@ -41,8 +42,8 @@ def llava_inputs(processor):
     from PIL import Image
 
     images = [Image.new("RGB", (32, 32), (200, 40, 40)), Image.new("RGB", (32, 32), (40, 40, 200))]
-    prompts = [decode.chat_prompt(processor, "Is there a cat in the image?"),
-               decode.chat_prompt(processor, "Describe the image.")]
+    prompts = [models.chat_prompt(processor, "Is there a cat in the image?"),
+               models.chat_prompt(processor, "Describe the image.")]
     return processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
 
 

@@ -18,6 +18,7 @@ import random
 
 import torch
 
+
 COCO_SIZES = [(640, 480), (480, 640), (640, 427), (427, 640), (500, 375), (640, 512)]
 LLAVA_15_TEMPLATE = (  # the shape of llava-1.5-7b-hf's chat template, for one user turn with one image
     "{% for message in messages %}"

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models
 import replica
 
 spm = pytest.importorskip("sentencepiece")
@@ -343,10 +344,9 @@ def converted(request, tmp_path_factory):
 def test_the_converted_model_computes_internvl2s_forward_on_text_and_on_tiled_images(converted):
     from PIL import Image
 
-    import decode
 
     kind, src, dst, config, weights, ids = converted
-    model, processor = decode.load_model(dst)
+    model, processor = models.load_model(dst)
     assert type(model).__name__ == "InternVLForConditionalGeneration"
     context = model.config.image_token_id
     assert context == ids["<IMG_CONTEXT>"]
@@ -366,7 +366,7 @@ def test_the_converted_model_computes_internvl2s_forward_on_text_and_on_tiled_im
     # an image prompt, the image 2:1, so dynamic tiling gives two tiles and a thumbnail
     rng = torch.Generator().manual_seed(1)
     image = Image.fromarray((torch.rand(40, 80, 3, generator=rng) * 255).to(torch.uint8).numpy())
-    batch = decode.prompt_batch(processor, [image], ["Is there a dog in the image?"])
+    batch = models.prompt_batch(processor, [image], ["Is there a dog in the image?"])
     assert batch["pixel_values"].shape == (3, 3, IMAGE, IMAGE)
     torch.testing.assert_close(batch["pixel_values"], dynamic_preprocess(image), rtol=0, atol=2e-5)
     with torch.no_grad():
@@ -378,13 +378,12 @@ def test_the_converted_model_computes_internvl2s_forward_on_text_and_on_tiled_im
 def test_the_chat_prompt_is_internvl2s_conversation_token_for_token(converted):
     from PIL import Image
 
-    import decode
 
     kind, src, dst, config, weights, ids = converted
-    model, processor = decode.load_model(dst)
+    model, processor = models.load_model(dst)
     image = Image.new("RGB", (80, 40), (120, 30, 200))
     question = "Is there a traffic light in the image? Please answer this question with one word."
-    batch = decode.prompt_batch(processor, [image], [question])
+    batch = models.prompt_batch(processor, [image], [question])
     expected = conversation_prompt(question, tiles=3, template_name=config["template"])
     if KINDS[kind][0] == "internlm2":
         reference = internlm2_reference_ids(expected, src, ids)

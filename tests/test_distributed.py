@@ -96,12 +96,13 @@ FAILING_PROCESS = """# train.py, but its second process fails when it reads one 
 import os, sys
 sys.path.insert(0, {root!r})
 import decode, train
-real_open_image = decode.open_image
+import models
+real_open_image = models.open_image
 def open_image(image):
     if os.environ["RANK"] == "1" and str(image).endswith({broken!r}):
         raise ValueError(f"{{image}}: cannot read the image (injected)")
     return real_open_image(image)
-decode.open_image = open_image
+models.open_image = open_image
 train.main(sys.argv[1:])
 """
 

@@ -7,6 +7,8 @@ import torch
 
 import decode
 import eval_pope
+import models
+import runs
 
 POPE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "pope")
 
@@ -115,7 +117,6 @@ def test_object_in_inverts_question_for():
         assert eval_pope.object_in(eval_pope.question_for(name)) == name
     with pytest.raises(ValueError, match="not a POPE question"):
         eval_pope.object_in("Describe the image.")
-    import eval_pope
 
     assert len(set(eval_pope.COCO_OBJECTS)) == 80  # the names SEED probes real checkpoints with by default
     if os.path.isdir(POPE_DIR):  # every official question asks about one of them
@@ -280,7 +281,7 @@ def test_a_bad_answer_line_is_an_error_naming_file_and_line_and_changes_nothing(
     with pytest.raises(ValueError, match=r"a.jsonl:6: not a JSON line"):
         eval_pope.score_files(questions, str(path))
     with pytest.raises(ValueError, match=r"a.jsonl:6: not a JSON line"):
-        eval_pope.resume_records(str(path), MADE_WITH)  # not a torn *final* line: the writer does not cut it either
+        runs.resume_records(str(path), MADE_WITH)  # not a torn *final* line: the writer does not cut it either
     assert path.read_text() == text
     with pytest.raises(ValueError, match=r"missing.jsonl: no such file"):
         eval_pope.score_files(questions, str(tmp_path / "missing.jsonl"))
@@ -290,7 +291,7 @@ def test_resuming_cuts_only_a_torn_final_line_and_says_so(tmp_path, capsys):
     _, lines = sixty_answers(tmp_path)
     path = tmp_path / "a.jsonl"
     path.write_text("".join(lines[:7]) + "\n" + lines[7][:12])  # a blank line, then a crash mid-write
-    answers = eval_pope.resume_records(str(path), MADE_WITH)
+    answers = runs.resume_records(str(path), MADE_WITH)
     assert [a["question_id"] for a in answers] == list(range(1, 8))
     assert path.read_text() == "".join(lines[:7]) + "\n"  # the blank line stays, the torn line goes
     assert "cut a torn last line" in capsys.readouterr().err
@@ -383,10 +384,10 @@ def test_internvl_answers_do_not_depend_on_the_batch_when_tile_counts_differ(dec
     contrast = dict(alpha=3.0, beta=0.01, noise_step=900) if "vcd" in decoding else {}
 
     def answer(indices, seed=100):
-        inputs = decode.prompt_batch(processor, [images[i] for i in indices], [texts[i] for i in indices])
+        inputs = models.prompt_batch(processor, [images[i] for i in indices], [texts[i] for i in indices])
         return inputs["pixel_values"].shape[0], decode.generate(
             model, inputs, 6, generators=[torch.Generator().manual_seed(seed + i) for i in indices],
-            suppress_token_ids=decode.placeholder_token_ids(model, processor), **eval_pope.DECODINGS[decoding],
+            suppress_token_ids=models.placeholder_token_ids(model, processor), **eval_pope.DECODINGS[decoding],
             **contrast)
 
     alone = [answer([i]) for i in range(3)]

@@ -11,6 +11,7 @@ from PIL import Image
 
 import adapter
 import decode
+import models
 import seed
 from conftest import (check_the_teacher_is_the_purified_base, take_seed_steps, tiny_qwen_vl,
                       tiny_qwen_vl_processor)
@@ -63,8 +64,8 @@ def test_response_logits_equal_the_full_forward_at_response_positions(processor,
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
                      mm_token_type_ids=token_types(batch, processor)).logits[:, :-1][at]
-        features = seed.image_features(model, batch["pixel_values"], batch["image_grid_thw"])
-        positions = decode.position_ids(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"])
+        features = models.image_features(model, batch["pixel_values"], batch["image_grid_thw"])
+        positions = models.position_ids(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"])
         ours = seed.response_logits(model, batch["input_ids"], batch["attention_mask"], positions, features,
                                     batch["response_mask"])
         # the 1-D positions of the other families would be wrong here: the test can tell them apart
@@ -87,7 +88,7 @@ def test_seed_step_moves_only_the_adapter_and_the_teacher_is_the_purified_base(p
     for name, p in model.named_parameters():
         if not name.endswith((".A", ".B")):
             assert torch.equal(p, before[name.replace(".base.", ".")]), name
-    noisy = decode.distort_images(base, batch["pixel_values"], 600, torch.Generator().manual_seed(7))
+    noisy = models.distort_images(base, batch["pixel_values"], 600, torch.Generator().manual_seed(7))
     check_the_teacher_is_the_purified_base(model, base, batch, 7, noisy, image_grid_thw=batch["image_grid_thw"],
                                            mm_token_type_ids=token_types(batch, processor))
 
@@ -99,7 +100,7 @@ def test_the_distortion_is_one_noise_per_frame_shared_by_its_temporal_copies(pro
     pixels = seed.collate(examples(processor), processor, images())["pixel_values"]
     frames = pixels.view(pixels.shape[0], 3, 2, 64)  # a row: channels x temporal copies x 8 x 8 pixels
     assert torch.equal(frames[:, :, 0], frames[:, :, 1])  # a still image: its two copies are one frame
-    noisy = decode.distort_images(model, pixels, 500, torch.Generator().manual_seed(0)).view_as(frames)
+    noisy = models.distort_images(model, pixels, 500, torch.Generator().manual_seed(0)).view_as(frames)
     abar = purge.noise_schedule()[500].item()
     eps = torch.randn((pixels.shape[0], 3, 1, 64), generator=torch.Generator().manual_seed(0))
     expected = abar ** 0.5 * frames[:, :, :1] + (1 - abar) ** 0.5 * eps  # sqrt(abar) v + sqrt(1 - abar) eps
@@ -109,10 +110,10 @@ def test_the_distortion_is_one_noise_per_frame_shared_by_its_temporal_copies(pro
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_decoding_equals_transformers_generate_token_for_token(processor, family):
     model = tiny_qwen_vl(processor, family)
-    inputs = decode.prompt_batch(processor, images(), ["Is there a cat in the image?", "Describe the image.",
+    inputs = models.prompt_batch(processor, images(), ["Is there a cat in the image?", "Describe the image.",
                                                        "Is there a dog?"])
     assert (inputs["attention_mask"] == 0).any()  # left padding is really there
-    placeholders = decode.placeholder_token_ids(model, processor)
+    placeholders = models.placeholder_token_ids(model, processor)
     eos = processor.tokenizer.eos_token_id
     with torch.no_grad():
         reference = model.generate(**inputs, max_new_tokens=8, do_sample=False, suppress_tokens=placeholders,
@@ -132,14 +133,14 @@ def test_vcd_answers_do_not_depend_on_the_batch(processor, decoding):
     texts = ["Is there a cat in the image?", "Describe the image.", "Is there a dog?"]
     generators = lambda rows: [decode.seeded_generator(0, i) for i in rows]  # noqa: E731
     options = dict(eos_token_id=processor.tokenizer.eos_token_id, noise_step=600,
-                   suppress_token_ids=decode.placeholder_token_ids(model, processor), **eval_pope.DECODINGS[decoding])
-    together = decode.generate(model, decode.prompt_batch(processor, images(), texts), 6,
+                   suppress_token_ids=models.placeholder_token_ids(model, processor), **eval_pope.DECODINGS[decoding])
+    together = decode.generate(model, models.prompt_batch(processor, images(), texts), 6,
                                generators=generators(range(3)), **options)
-    alone = [decode.generate(model, decode.prompt_batch(processor, [images()[i]], [texts[i]]), 6,
+    alone = [decode.generate(model, models.prompt_batch(processor, [images()[i]], [texts[i]]), 6,
                              generators=generators([i]), **options)[0] for i in range(3)]
     assert together == alone
     if decoding == "vcd-greedy":  # the premise: the contrast changes answers, so the noise matters
-        plain = decode.generate(model, decode.prompt_batch(processor, images(), texts), 6,
+        plain = decode.generate(model, models.prompt_batch(processor, images(), texts), 6,
                                 **{**options, "contrast": False})
         assert plain != together
 
@@ -161,7 +162,7 @@ def test_self_evolve_and_pope_run_on_qwen_as_on_llava(processor, tmp_path):
                   "label": "yes" if i % 2 else "no"} for i, o in enumerate(["cat", "dog", "cup", "key"])]
     eval_pope.write_jsonl(questions, str(tmp_path / "coco_pope_random.json"))
     config = cli.Config(steps=3, batch_size=4, probes_per_image=2, description_tokens=4, checkpoint_every=0,
-                          progress=False, noise_step=500, sample_seeds=1, eval_batch_size=4, out=str(tmp_path))
+                        progress=False, noise_step=500, sample_seeds=1, eval_batch_size=4, out=str(tmp_path))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model, history = train.self_evolve(model, processor, pictures, ["cat", "dog", "cup", "key"], str(tmp_path / "seed"),
                                        config, divergence="reverse", description="Describe the image.")
@@ -169,7 +170,7 @@ def test_self_evolve_and_pope_run_on_qwen_as_on_llava(processor, tmp_path):
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all(".language_model." in n and n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
     results = report.evaluate(model, processor, {"random": str(tmp_path / "coco_pope_random.json")}, str(tmp_path),
-                             str(tmp_path / "answers"), config, contrast=True)
+                              str(tmp_path / "answers"), config, contrast=True)
     assert 0 <= results["greedy"]["random"]["f1"] <= 1
     assert len(eval_pope.read_answers(str(tmp_path / "answers" / "vcd-greedy_random_seed0.jsonl"))) == 4
 
@@ -181,4 +182,4 @@ def test_a_checkpoint_whose_processor_cannot_be_built_is_refused_naming_it(proce
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=rf"{tmp_path}: AutoProcessor gave a \w+, not an image-text processor"):
-        decode.load_model(str(tmp_path))
+        models.load_model(str(tmp_path))

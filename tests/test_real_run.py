@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import models
 import replica
 
 
@@ -17,7 +18,8 @@ def real_run(tmp_path_factory):
     paths = replica.build(root, unlabeled=4, pope_images=3, questions_per_image=2)
     out = os.path.join(root, "out")
     flags = ["--model", paths["llava-1.5-7b-replica"], "--images", paths["train2014"], "--pope", paths["pope"],
-             "--pope-images", paths["val2014"], "--out", out, "--loss", "reverse", "--steps", "2", "--batch-size", "2",
+             "--pope-images", paths["val2014"], "--out", out, "--loss", "reverse", "--rounds", "1", "--steps", "2",
+             "--batch-size", "2",
              "--probes-per-image", "1", "--description-tokens", "3", "--sample-seeds", "1", "--eval-batch-size", "4",
              "--checkpoint-every", "1", "--no-progress"]
     results = train.main(flags)
@@ -25,7 +27,6 @@ def real_run(tmp_path_factory):
 
 
 def test_the_replica_is_shaped_like_llava_15_where_the_code_cares(tmp_path):
-    import decode
 
     processor = replica.make_processor(["traffic light", "hair drier", "cat"])
     tokenizer = processor.tokenizer
@@ -35,7 +36,7 @@ def test_the_replica_is_shaped_like_llava_15_where_the_code_cares(tmp_path):
     assert {tokenizer.pad_token_id, processor.image_token_id} == {vocabulary, vocabulary + 1}
     from PIL import Image
 
-    batch = decode.prompt_batch(processor, [Image.new("RGB", (640, 480))], ["Is there a cat in the image?"])
+    batch = models.prompt_batch(processor, [Image.new("RGB", (640, 480))], ["Is there a cat in the image?"])
     assert batch["pixel_values"].shape == (1, 3, 336, 336)
     assert int((batch["input_ids"] == processor.image_token_id).sum()) == 576
     text = tokenizer.decode(batch["input_ids"][0][batch["input_ids"][0] != processor.image_token_id])
@@ -47,7 +48,6 @@ def test_a_real_run_writes_results_a_merged_checkpoint_and_a_peft_adapter(real_r
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import adapter
-    import decode
 
     paths, out, results = real_run
     saved = json.load(open(os.path.join(out, "results.json")))
@@ -62,11 +62,11 @@ def test_a_real_run_writes_results_a_merged_checkpoint_and_a_peft_adapter(real_r
     merged_dir = os.path.join(out, "seed_reverse", "merged")
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     processor = AutoProcessor.from_pretrained(merged_dir)
-    base, _ = decode.load_model(paths["llava-1.5-7b-replica"])
+    base, _ = models.load_model(paths["llava-1.5-7b-replica"])
     round_dir = os.path.join(out, "seed_reverse", "round0")
-    ours, _ = decode.load_model(paths["llava-1.5-7b-replica"])
+    ours, _ = models.load_model(paths["llava-1.5-7b-replica"])
     adapter.load_adapter(ours, round_dir)
-    inputs = decode.prompt_batch(processor, [os.path.join(paths["val2014"], n) for n in sorted(os.listdir(
+    inputs = models.prompt_batch(processor, [os.path.join(paths["val2014"], n) for n in sorted(os.listdir(
         paths["val2014"]))[:2]], ["Is there a traffic light in the image?", "Describe this image in detail."])
     with torch.no_grad():
         unmerged = ours(**inputs).logits
@@ -93,10 +93,10 @@ def test_a_finished_real_run_resumes_without_redoing_anything(real_run, monkeypa
     flags = json.load(open(os.path.join(out, "results.json")))["config"]
     again = train.main([f"--{k.replace('_', '-')}={v}" for k, v in flags.items()
                         if v is not None and not isinstance(v, bool)] + ["--resume", "--no-progress"])
-    for method in ("base", "vcd", "seed_reverse"):  # every answer file was complete: nothing answered again
-        assert again[method]["greedy"] == results[method]["greedy"]
-    # The only decoding left: the answer-cost timing, 21 rounds of the three rows (it is measured anew)
-    assert len(calls) == 21 * 3
+    for method in ("base", "vcd", "seed_reverse", "seed_reverse_vcd"):  # every answer file was complete:
+        assert again[method]["greedy"] == results[method]["greedy"]  # nothing answered again
+    # The only decoding left: the answer-cost timing, 21 rounds of the four rows (it is measured anew)
+    assert len(calls) == 21 * 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,11 +113,10 @@ def test_hub_laid_out_folders_load_answer_pope_and_train(tmp_path, name):
     import subprocess
     import sys
 
-    import decode
 
     paths = replica.build(str(tmp_path), unlabeled=3, pope_images=2, questions_per_image=2)
     folder = HUB_FOLDERS[name](str(tmp_path / name))
-    model, processor = decode.load_model(folder)
+    model, processor = models.load_model(folder)
     expected = {"InternVL3-1B-hf": "InternVLProcessor", "Qwen2.5-VL-7B-Instruct": "Qwen2_5_VLProcessor"}[name]
     assert expected in [cls.__name__ for cls in type(processor).__mro__]
     assert type(processor.image_processor).__name__.endswith("Pil")  # the PIL backend: no torchvision needed
@@ -143,5 +142,5 @@ def test_hub_laid_out_folders_load_answer_pope_and_train(tmp_path, name):
     merged = str(tmp_path / "out" / "seed_reverse" / "merged")
     assert (os.path.isfile(os.path.join(merged, "video_preprocessor_config.json"))
             == os.path.isfile(os.path.join(folder, "video_preprocessor_config.json")))  # carried over as it was
-    reloaded, reprocessor = decode.load_model(merged)
-    assert decode.chat_prompt(reprocessor, "Is there a cat?") == decode.chat_prompt(processor, "Is there a cat?")
+    reloaded, reprocessor = models.load_model(merged)
+    assert models.chat_prompt(reprocessor, "Is there a cat?") == models.chat_prompt(processor, "Is there a cat?")

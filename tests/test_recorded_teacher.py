@@ -14,7 +14,9 @@ from PIL import Image
 import adapter
 import decode
 import losses
+import models
 import purge
+import runs
 import seed
 from conftest import tiny_internvl, tiny_internvl_processor, tiny_qwen_vl, tiny_qwen_vl_processor
 
@@ -75,7 +77,7 @@ def family(name):
         import toyworld
 
         path, world = toyworld.build()
-        model, processor = decode.load_model(path)
+        model, processor = models.load_model(path)
         return model, processor, toyworld.unlabeled_images(world, 3, seed=5)
     if name == "internvl":
         processor = tiny_internvl_processor()
@@ -92,15 +94,15 @@ def test_the_recorded_teacher_equals_the_online_one_given_the_examples_noise(nam
     model, processor, images = family(name)
     names = ["cat", "dog", "car", "tree"]
     examples = seed.make_examples(model, processor, images, names, probes_per_image=2, max_new_tokens=5,
-                                  noise_step=NOISE_STEP, batch_size=2, progress=False)
+                                  noise_step=NOISE_STEP, batch_size=2)
     assert all(e["response"][-1] == processor.tokenizer.eos_token_id for e in examples)
     adapter.add_adapter(model, rank=4, alpha_r=8.0)
     with torch.no_grad():  # a student away from the base: the teacher must not follow it
         for layer in adapter.adapter_layers(model).values():
             layer.B.normal_(0, 0.5)
     batch = seed.collate(examples, processor, images)
-    net = seed.transformers_model(model)
-    batch["distorted_pixel_values"] = decode.distort_per_question(
+    net = models.transformers_model(model)
+    batch["distorted_pixel_values"] = models.distort_per_question(
         net, batch["pixel_values"], batch["input_ids"], NOISE_STEP,
         [decode.seeded_generator(*e["noise"]) for e in examples])  # the draw each example was made with
     _, online, student = seed.seed_step(model, batch, "reverse", noise_step=NOISE_STEP)
@@ -109,12 +111,12 @@ def test_the_recorded_teacher_equals_the_online_one_given_the_examples_noise(nam
     # Decoding never emits an image placeholder: it is a void there, and the cut is taken among the
     # tokens that may be emitted. So the recorded teacher is purify of the online teacher's own two
     # passes with the placeholders cut first, and the online one purify of the same passes as they are.
-    placeholders = decode.placeholder_token_ids(model, processor)
+    placeholders = models.placeholder_token_ids(model, processor)
     with torch.no_grad(), adapter.adapter_disabled(model):
         grid = batch.get("image_grid_thw")
-        at = decode.position_ids(net, batch["input_ids"], batch["attention_mask"], grid)
+        at = models.position_ids(net, batch["input_ids"], batch["attention_mask"], grid)
         z, z_distorted = (seed.response_logits(net, batch["input_ids"], batch["attention_mask"], at,
-                                               seed.image_features(net, pixels, grid), batch["response_mask"])
+                                               models.image_features(net, pixels, grid), batch["response_mask"])
                           for pixels in (batch["pixel_values"], batch["distorted_pixel_values"]))
     expected = purge.purify(z.index_fill(-1, torch.tensor(placeholders), float("-inf")), z_distorted)
     assert torch.equal(torch.isfinite(recorded), torch.isfinite(expected))
@@ -129,7 +131,7 @@ def test_the_recorded_teacher_equals_the_online_one_given_the_examples_noise(nam
 def test_a_recorded_step_is_the_students_pass_with_the_sparse_loss(llava, processor):
     model, _, images = family("llava")
     examples = seed.make_examples(model, processor, images, ["cat", "dog"], probes_per_image=1, max_new_tokens=4,
-                                  noise_step=NOISE_STEP, progress=False)
+                                  noise_step=NOISE_STEP)
     params = adapter.add_adapter(model, rank=4, alpha_r=8.0)
     batch = seed.collate(examples, processor, images)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -147,13 +149,15 @@ def test_a_recorded_step_is_the_students_pass_with_the_sparse_loss(llava, proces
 def test_the_examples_log_holds_the_teacher_compactly_and_resumes_it(tmp_path):
     model, processor, images = family("llava")
     log = str(tmp_path / "examples.jsonl")
-    whole = seed.make_examples(model, processor, images, ["cat", "dog"], probes_per_image=2, max_new_tokens=6,
-                               noise_step=NOISE_STEP, batch_size=2, progress=False, path=log)
+    settings = dict(probes_per_image=2, max_new_tokens=6, noise_step=NOISE_STEP)
+    made_with = seed.example_settings(images, **settings)
+    whole = seed.make_examples(model, processor, images, ["cat", "dog"], batch_size=2,
+                               answer=runs.examples_log(log, made_with, batch_size=2), **settings)
     lines = open(log).read().splitlines()
     with open(log, "w") as f:  # a run that stopped after three records, mid-way through the fourth
         f.write("\n".join(lines[:3]) + "\n" + lines[3][:40])
-    resumed = seed.make_examples(model, processor, images, ["cat", "dog"], probes_per_image=2, max_new_tokens=6,
-                                 noise_step=NOISE_STEP, batch_size=2, progress=False, path=log)
+    resumed = seed.make_examples(model, processor, images, ["cat", "dog"], batch_size=2,
+                                 answer=runs.examples_log(log, made_with, batch_size=2), **settings)
     assert resumed == whole and open(log).read().splitlines() == lines
     for record in (json.loads(line) for line in lines):  # 4 + 4 bytes a kept token, in base64: nothing more
         counts = record["teacher"]["counts"]

@@ -8,7 +8,9 @@ import torch
 import adapter
 import decode
 import losses
+import models
 import purge
+import runs
 import seed
 from conftest import check_the_teacher_is_the_purified_base, take_seed_steps, tiny_internvl
 
@@ -27,7 +29,7 @@ def llava_batch(processor, images_count=3):
 
 def internvl_batch(model, batch=2):
     """Input ids with the image placeholders InternVL expects, and a response at the end of each row."""
-    n_image_tokens = seed.image_features(model, torch.zeros(1, 3, 32, 32)).shape[0]
+    n_image_tokens = models.image_features(model, torch.zeros(1, 3, 32, 32)).shape[0]
     g = torch.Generator().manual_seed(0)
     rows = [[7, 8] + [model.config.image_token_id] * n_image_tokens + torch.randint(10, 60, (5 + i,), generator=g).tolist()
             for i in range(batch)]
@@ -80,8 +82,8 @@ def test_response_logits_equal_the_full_forward_at_response_positions(llava, pro
     with torch.no_grad():
         full = llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      pixel_values=batch["pixel_values"]).logits
-        features = seed.image_features(llava, batch["pixel_values"])
-        positions = decode.position_ids(llava, batch["input_ids"], batch["attention_mask"])
+        features = models.image_features(llava, batch["pixel_values"])
+        positions = models.position_ids(llava, batch["input_ids"], batch["attention_mask"])
         fast = seed.response_logits(llava, batch["input_ids"], batch["attention_mask"], positions, features,
                                     batch["response_mask"])
     torch.testing.assert_close(fast, full[:, :-1][batch["response_mask"][:, 1:]], rtol=1e-5, atol=1e-5)
@@ -195,14 +197,14 @@ def test_resume_equals_an_uninterrupted_run(processor, tmp_path, monkeypatch, te
     whole = toyworld.make_model(processor.tokenizer, seed=0)
     small_evolve(whole, processor, str(tmp_path / "whole"), teacher=teacher)
 
-    real_save = seed.save_checkpoint
+    real_save = runs.save_checkpoint
 
     def crash_after_step_four(model, optimizer, path, round_index, step, made_with):
         real_save(model, optimizer, path, round_index, step, made_with)
         if step == 4:
             raise KeyboardInterrupt  # the run dies right after its step-4 checkpoint
 
-    monkeypatch.setattr(seed, "save_checkpoint", crash_after_step_four)
+    monkeypatch.setattr(runs, "save_checkpoint", crash_after_step_four)
     with pytest.raises(KeyboardInterrupt):
         small_evolve(toyworld.make_model(processor.tokenizer, seed=0), processor, str(tmp_path / "part"),
                      teacher=teacher)
@@ -263,8 +265,8 @@ def test_seed_step_on_internvl_images_with_different_tile_counts():
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      pixel_values=batch["pixel_values"]).logits
         fast = seed.response_logits(model, batch["input_ids"], batch["attention_mask"],
-                                    decode.position_ids(model, batch["input_ids"], batch["attention_mask"]),
-                                    seed.image_features(model, batch["pixel_values"]), batch["response_mask"])
+                                    models.position_ids(model, batch["input_ids"], batch["attention_mask"]),
+                                    models.image_features(model, batch["pixel_values"]), batch["response_mask"])
     torch.testing.assert_close(fast, full[:, :-1][batch["response_mask"][:, 1:]], rtol=1e-5, atol=1e-5)
     check_seed_step_moves_only_the_adapter(model, batch, "reverse")
 
@@ -282,7 +284,7 @@ def test_batching_leaves_the_tokenizer_as_it_found_it(processor, side):
     batch, examples, images = llava_batch(processor)
     processor.tokenizer.padding_side = side
     try:
-        left = decode.prompt_batch(processor, images[:2], ["Describe the image.", seed.probe_text("cat")])
+        left = models.prompt_batch(processor, images[:2], ["Describe the image.", seed.probe_text("cat")])
         assert processor.tokenizer.padding_side == side
         right = seed.collate(examples, processor, images)
         assert processor.tokenizer.padding_side == side
@@ -307,7 +309,7 @@ def test_the_readme_loop_runs_as_written():
          namespace)
     model = namespace["model"]
     assert not adapter.adapter_layers(model)  # merged: a plain model again
-    base, _ = decode.load_model(namespace["model_path"])
+    base, _ = models.load_model(namespace["model_path"])
     base_weights = dict(base.named_parameters())
     assert any(not torch.equal(p, base_weights[n]) for n, p in model.named_parameters())  # and it learned something
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import models
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,11 +39,10 @@ def test_train_at_a_tiny_budget_writes_a_valid_results_json(tmp_path):
     assert "diagnostic" in results
     # SEED + VCD: VCD decoding (the run's contrast) on the merged reverse-KL model, as eval_pope.py answers it
     import cli
-    import decode
     import eval_pope
     import toyworld
 
-    model, processor = decode.load_model(str(out / "seed_reverse" / "merged"))
+    model, processor = models.load_model(str(out / "seed_reverse" / "merged"))
     world_config = toyworld.WorldConfig(steps=15)
     _, world = toyworld.build(world_config, progress=False, shipped=True)
     pope_files, image_dir, _ = toyworld.eval_set(4, world, world_config)
@@ -161,11 +162,11 @@ def test_vcd_rows_use_the_contrast_the_flags_set(llava, processor, tmp_path, gen
                  for i in range(2)]
     eval_pope.write_jsonl(questions, str(tmp_path / "q.json"))
     config = cli.parse_config(["--alpha", "0.5", "--beta", "0.2", "--noise-step", "600", "--sample-seeds", "1",
-                                 "--no-progress", "--out", str(tmp_path / "out")])
+                               "--no-progress", "--out", str(tmp_path / "out")])
     report.evaluate(llava, processor, {"random": str(tmp_path / "q.json")}, str(tmp_path), str(tmp_path / "answers"),
-                   config, contrast=True)
+                    config, contrast=True)
     report.caption_hallucination(llava, processor, str(tmp_path), {"im0.png": ["cat"], "im1.png": []}, ["cat"],
-                                contrast=True, **eval_pope.contrast_settings(config))
+                                 contrast=True, **eval_pope.contrast_settings(config))
     assert len(generate_calls) == 3  # greedy, one sampling seed, captions
     assert all(s == {"contrast": True, "alpha": 0.5, "beta": 0.2, "noise_step": 600} for s in generate_calls)
 
