@@ -198,7 +198,7 @@ def bench_problem(args):
     return None
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
@@ -215,17 +215,12 @@ def main(argv=None):
     problem = bench_problem(args)
     if problem:  # before anything is built, in one line
         parser.exit(2, f"{parser.prog}: error: {problem}\n")
-    if args.memory_probe:
-        return memory_probe(args)
+    return args
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    model, make_batch = build(args.shape, device, dtype, args.layers)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size}
 
-    # 1. training step: SEED vs plain adapter fine-tuning, same model, batch and adapter
+def train_steps(model, make_batch, autocast, device, args):
+    """1. The training step: SEED (online and recorded teacher) against plain adapter fine-tuning, on the
+    same model, batch and adapter. Leaves the adapter on the model."""
     optimizer = torch.optim.AdamW(adapter.add_adapter(model), lr=1e-4)
     batch = make_batch(args.batch_size)
     t_seed = timed(train_step_fn(model, batch, "seed", optimizer=optimizer, autocast=autocast), device, args.repeats)
@@ -233,44 +228,45 @@ def main(argv=None):
     recorded = with_recorded_teacher(batch, model.config.text_config.vocab_size)
     t_recorded = timed(train_step_fn(model, recorded, "recorded", optimizer=optimizer, autocast=autocast), device,
                        args.repeats)
-    results.update(train_step_seed_s=t_seed, train_step_sft_s=t_sft, train_step_recorded_s=t_recorded,
-                   train_step_ratio=ratio(t_seed, t_sft), train_step_ratio_recorded=ratio(t_recorded, t_sft))
+    return dict(train_step_seed_s=t_seed, train_step_sft_s=t_sft, train_step_recorded_s=t_recorded,
+                train_step_ratio=ratio(t_seed, t_sft), train_step_ratio_recorded=ratio(t_recorded, t_sft))
 
-    # 2. answer cost: the merged SEED model, the base model (adapter off) and VCD decoding
-    question = make_batch(args.batch_size, response_tokens=0, seed_=1)
-    inputs = {k: question[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+def answer_costs(model, inputs, autocast, device, args):
+    """2. The answer cost: the base model (adapter off), VCD decoding, and the merged SEED model (merges the
+    adapter); 3. one batch of questions against the same questions one at a time."""
     per_answer = lambda t: {k: v / args.batch_size for k, v in t.items()}  # noqa: E731
 
     def answer(contrast=False):
         with autocast:
             decode.generate(model, inputs, args.answer_tokens, contrast=contrast)
 
-    with adapter.adapter_disabled(model):
-        t_base = per_answer(timed(answer, device, args.repeats))
-        t_vcd = per_answer(timed(lambda: answer(True), device, args.repeats))
-    adapter.merge_adapter(model)
-    t_merged = per_answer(timed(answer, device, args.repeats))
-    results.update(answer_base_s=t_base, answer_seed_s=t_merged, answer_vcd_s=t_vcd,
-                   answer_cost_ratio_seed=ratio(t_merged, t_base), answer_cost_ratio_vcd=ratio(t_vcd, t_base))
-
-    # 3. eval throughput: one batch of questions against the same questions one at a time
     def one_at_a_time():
         with autocast:
             for i in range(args.batch_size):
                 decode.generate(model, {k: v[i:i + 1] for k, v in inputs.items()}, args.answer_tokens)
 
+    with adapter.adapter_disabled(model):
+        t_base = per_answer(timed(answer, device, args.repeats))
+        t_vcd = per_answer(timed(lambda: answer(True), device, args.repeats))
+    adapter.merge_adapter(model)
+    t_merged = per_answer(timed(answer, device, args.repeats))
     t_single = per_answer(timed(one_at_a_time, device, max(1, args.repeats // 2)))
-    results.update(eval_single_s=t_single, eval_batched_speedup=ratio(t_single, t_base))
+    return dict(answer_base_s=t_base, answer_seed_s=t_merged, answer_vcd_s=t_vcd,
+                answer_cost_ratio_seed=ratio(t_merged, t_base), answer_cost_ratio_vcd=ratio(t_vcd, t_base),
+                eval_single_s=t_single, eval_batched_speedup=ratio(t_single, t_base))
 
-    # 4. decoding throughput: this project's greedy loop against transformers' own generate (greedy, KV
-    # cache, the same batch, exactly decode_tokens new tokens on both, the image placeholders suppressed on
-    # both), and the purified two-pass decoding that makes SEED's examples
+
+def decoding(model, inputs, autocast, device, args):
+    """4. Decoding throughput: this project's greedy loop against transformers' own generate (greedy, KV
+    cache, the same batch, exactly decode_tokens new tokens on both, the image placeholders suppressed on
+    both), the purified two-pass decoding that makes SEED's examples, and the same recording the teacher."""
     placeholders = models.placeholder_token_ids(model)
     n = args.decode_tokens
 
-    def ours(contrast=False):
+    def ours(contrast=False, record=False):
         with autocast:
-            decode.generate(model, inputs, n, contrast=contrast)
+            decode.generate(model, inputs, n, contrast=contrast, record=record)
 
     def library():
         with autocast:
@@ -279,21 +275,15 @@ def main(argv=None):
 
     t_ours, t_library = timed(ours, device, args.repeats), timed(library, device, args.repeats)
     t_purified = timed(lambda: ours(True), device, args.repeats)
+    t_recording = timed(lambda: ours(True, True), device, args.repeats)
+    return dict(decode_ours_s=t_ours, decode_generate_s=t_library, decode_purified_s=t_purified,
+                decode_recording_s=t_recording, decode_throughput_ratio=ratio(t_library, t_ours),
+                decode_purified_throughput_ratio=ratio(t_ours, t_purified),
+                examples_record_ratio=ratio(t_recording, t_purified))
 
-    def recording():  # SEED's example making: purified decoding that also keeps each position's kept list
-        with autocast:
-            decode.generate(model, inputs, n, contrast=True, record=True)
 
-    t_recording = timed(recording, device, args.repeats)
-    results.update(decode_ours_s=t_ours, decode_generate_s=t_library, decode_purified_s=t_purified,
-                   decode_recording_s=t_recording, decode_throughput_ratio=ratio(t_library, t_ours),
-                   decode_purified_throughput_ratio=ratio(t_ours, t_purified),
-                   examples_record_ratio=ratio(t_recording, t_purified))
-    del model, optimizer, batch, inputs
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    # 5. peak memory of each step, each in a fresh process so neither inherits the other's peak
+def peak_memories(args):
+    """5. The peak memory of each step, each in a fresh process so that none inherits another's peak."""
     peaks = {}
     for kind in ("seed", "recorded", "sft"):
         command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--device", args.device,
@@ -302,10 +292,30 @@ def main(argv=None):
             command += ["--layers", str(args.layers)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         peaks[kind] = json.loads(output.strip().splitlines()[-1])["peak_bytes"]
-    results.update(peak_memory_seed_bytes=peaks["seed"], peak_memory_sft_bytes=peaks["sft"],
-                   peak_memory_recorded_bytes=peaks["recorded"], peak_memory_ratio=peaks["seed"] / peaks["sft"],
-                   peak_memory_ratio_recorded=peaks["recorded"] / peaks["sft"])
+    return dict(peak_memory_seed_bytes=peaks["seed"], peak_memory_sft_bytes=peaks["sft"],
+                peak_memory_recorded_bytes=peaks["recorded"], peak_memory_ratio=peaks["seed"] / peaks["sft"],
+                peak_memory_ratio_recorded=peaks["recorded"] / peaks["sft"])
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(args)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model, make_batch = build(args.shape, device, dtype, args.layers)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size}
+    results.update(train_steps(model, make_batch, autocast, device, args))
+    question = make_batch(args.batch_size, response_tokens=0, seed_=1)
+    inputs = {k: question[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    results.update(answer_costs(model, inputs, autocast, device, args))
+    results.update(decoding(model, inputs, autocast, device, args))
+    del model, inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    results.update(peak_memories(args))
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

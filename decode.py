@@ -51,6 +51,17 @@ def unsupported_batch(inputs):
     return None
 
 
+def _record_kept(logits, finished, recorded):
+    """Append to recorded[row] the kept tokens of each row still answering, (ids, purified logits): the
+    voids are everything else."""
+    rows, ids = torch.isfinite(logits).nonzero(as_tuple=True)  # row-major: each row's ids in a run
+    counts = torch.bincount(rows, minlength=logits.shape[0]).tolist()
+    kept_ids, kept_logits = ids.cpu().split(counts), logits[rows, ids].cpu().split(counts)
+    for row, done in enumerate(finished.tolist()):
+        if not done:
+            recorded[row].append((kept_ids[row], kept_logits[row]))
+
+
 @torch.no_grad()
 def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, generators=None,
              temperature=1.0, top_p=1.0, alpha=purge.ALPHA, beta=purge.BETA, noise_step=purge.NOISE_STEP,
@@ -93,14 +104,8 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
         logits = outputs[0].logits[:, -1].float().index_fill(-1, suppressed, float("-inf"))
         if contrast:
             logits = purge.purify(logits, outputs[1].logits[:, -1], alpha, beta)
-        if record:  # the kept tokens of each row still answering (the voids are everything else)
-            rows, ids = torch.isfinite(logits).nonzero(as_tuple=True)  # row-major: each row's ids in a run
-            counts = torch.bincount(rows, minlength=batch).tolist()
-            done = finished.tolist()
-            kept_ids, kept_logits = ids.cpu().split(counts), logits[rows, ids].cpu().split(counts)
-            for row in range(batch):
-                if not done[row]:
-                    recorded[row].append((kept_ids[row], kept_logits[row]))
+        if record:
+            _record_kept(logits, finished, recorded)
             if step == max_new_tokens:  # only what follows the last token, at the end token appended
                 break
         next_token = _sample_next(logits, generators, temperature, top_p) if sample else logits.argmax(-1)
