@@ -3,19 +3,21 @@
 Paper: "Identify, Isolate, and Purge: Mitigating Hallucinations in LVLMs via Self-Evolving
 Distillation" (SEED), arXiv 2507.04680. This script composes METHOD.md sections 1-6:
 purge.py (identify, isolate, purge), losses.py (Mode-Seeking Evolving), adapter.py (Hallucination
-Elimination Adapter), seed.py (the SEED step, the purified examples, checkpoints), decode.py and
-eval_pope.py (POPE). The training loop itself is `self_evolve` below: make the purified examples,
-attach the adapter, `loss = seed_step(...); loss.backward(); optimizer.step()`, checkpoint, merge.
+Elimination Adapter), seed.py (the SEED step and its purified examples); models.py, decode.py,
+runs.py, cli.py and report.py carry the plumbing. The training loop itself is `self_evolve` below:
+make the purified examples, attach the adapter, `loss = seed_step(...); loss.backward();
+optimizer.step()`, checkpoint, merge; two rounds by default, each from the model the last merged.
 
     python train.py                                  # the built-in toy world, CPU, a few minutes
     python train.py --model llava-1.5-7b-hf --images unlabeled/ --pope pope/ --pope-images val2014/
     torchrun --nproc_per_node 8 train.py --model ...    # the same run, split over 8 GPUs (distributed.py)
 
 Rows of the table: base; VCD decoding (the contrast at inference, two passes per token); SEED with
-forward KL (classic distillation, the paper's ablation); SEED with reverse KL (the paper).
+forward KL (classic distillation, the paper's ablation); SEED with reverse KL (the paper); SEED + VCD
+(VCD decoding on the reverse-KL SEED model: do the two stack).
 Everything printed is also in <out>/results.json. Not from the paper (ours): the toy world and its
-noise step (700; VCD's 500 with --model), the step counts and learning rate, the reverse KL's void
-floor while training (1e-4), CHAIR on the toy world only, the pictures.
+noise step (700; VCD's 500 with --model), the step counts, rounds and learning rate, the reverse KL's
+void floor while training (1e-4), CHAIR on the toy world only, the pictures.
 """
 import dataclasses
 import os
