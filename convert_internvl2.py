@@ -402,7 +402,8 @@ def converted_tokenizer(src, llm, template):
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=token("bos_token", "<s>"),
                                    eos_token=template[-1], unk_token=token("unk_token", "<unk>"),
                                    pad_token=token("pad_token", "</s>"), extra_special_tokens=image_tokens,
-                                   add_bos_token=settings.get("add_bos_token", True), clean_up_tokenization_spaces=False,
+                                   add_bos_token=settings.get("add_bos_token", True),
+                                   clean_up_tokenization_spaces=False,
                                    model_max_length=settings.get("model_max_length", llm["max_position_embeddings"]))
 
 

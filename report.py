@@ -210,7 +210,8 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in distributed.batch_starts(len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in seed.collate(examples[start:start + batch_size], processor, images).items()}
+        batch = seed.collate(examples[start:start + batch_size], processor, images)
+        batch = {k: v.to(device) for k, v in batch.items()}
         if recorded:
             _, teacher, student = seed.recorded_seed_step(model, batch)
             mass = losses.sparse_void_mass(student, *teacher)

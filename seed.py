@@ -147,7 +147,8 @@ def purified_batch(model, processor, images, prompts, items, kind, max_new_token
     responses, teachers = decode.generate(
         model, inputs, max_new_tokens, contrast=True, alpha=alpha, beta=beta, noise_step=noise_step,
         generators=[decode.seeded_generator(seed, item) for item in items], record=True,
-        eos_token_id=processor.tokenizer.eos_token_id, suppress_token_ids=models.placeholder_token_ids(model, processor))
+        eos_token_id=processor.tokenizer.eos_token_id,
+        suppress_token_ids=models.placeholder_token_ids(model, processor))
     return [{"kind": kind, "image": i, "prompt": text, "response": response, "teacher": encode_teacher(teacher),
              "noise": [seed, item]} for (i, text), response, teacher, item in zip(prompts, responses, teachers, items)]
 

@@ -48,8 +48,8 @@ def round_examples(model, processor, images, object_names, round_dir, config, de
     settings = dict(probes_per_image=config.probes_per_image, description=description,
                     max_new_tokens=config.description_tokens, seed=config.seed + round_index,
                     **eval_pope.contrast_settings(config))
-    answer = runs.examples_log(os.path.join(round_dir, "examples.jsonl"), batch_size=config.batch_size,
-                               made_with={**seed.example_settings(images, **settings), **made_with, "round": round_index},
+    log_made_with = {**seed.example_settings(images, **settings), **made_with, "round": round_index}
+    answer = runs.examples_log(os.path.join(round_dir, "examples.jsonl"), log_made_with, batch_size=config.batch_size,
                                progress=config.progress)
     examples = seed.make_examples(model, processor, images, object_names, batch_size=config.batch_size, answer=answer,
                                   **settings)
@@ -166,17 +166,17 @@ def main(argv=None):
     device, say = start(config)
     # bf16 weights and autocast on a GPU (one copy of the weights: the teacher is the adapter off);
     # float32 on the CPU, where bf16 is slow and the toy model is tiny.
-    dtype, autocast = (torch.bfloat16, torch.bfloat16) if device.type == "cuda" else (torch.float32, None)
+    dtype, autocast_dtype = (torch.bfloat16, torch.bfloat16) if device.type == "cuda" else (torch.float32, None)
     main_process = distributed.is_main()
     data = prepare_run(config, say)  # the toy world's data, or what the flags name; run.json written
     say(f"device {device}, dtype {dtype}; model {data.model_path}; {len(data.unlabeled)} unlabeled images; "
         f"POPE splits {list(data.pope_files)}; {distributed.world_size()} process(es)")
     results = {"config": dataclasses.asdict(config)}
-    save = lambda: runs.write_json(os.path.join(config.out, "results.json"), results, indent=2) if main_process else None
+    save = lambda: main_process and runs.write_json(os.path.join(config.out, "results.json"), results, indent=2)
     load = lambda: models.load_model(data.model_path, device, dtype)
 
     def measure(method, model, processor, contrast=False):  # POPE (and CHAIR on the toy world) into results
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             results[method] = report.measure(model, processor, data, os.path.join(config.out, method, "answers"),
                                              config, contrast)
         save()
@@ -195,7 +195,7 @@ def main(argv=None):
         model, processor = load()
         model, history = self_evolve(model, processor, data.unlabeled, data.object_names,
                                      out_dir=os.path.join(config.out, method), config=config, divergence=divergence,
-                                     description=data.description, autocast_dtype=autocast)
+                                     description=data.description, autocast_dtype=autocast_dtype)
         # The product: the merged model as an ordinary checkpoint (the adapters, ours and PEFT's, are in round<r>/)
         if main_process:
             runs.save_merged(model, processor, os.path.join(config.out, method, "merged"))
@@ -206,7 +206,7 @@ def main(argv=None):
             measure("seed_reverse_vcd", model, processor, contrast=True)
 
     if main_process:  # every row's answer cost on one copy of the weights; the table and the pictures
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             report.time_rows(*load(), data, divergences, config, results)
         save()
         report.show(results, data, config.out)  # the table, results.png and scenes.png

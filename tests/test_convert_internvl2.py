@@ -86,7 +86,8 @@ def internvl2_folder(folder, language="internlm2", vision="300m", seed=0):
                "eos_token_id": ids["<|im_end|>"], "hidden_act": "silu", "hidden_size": 48, "intermediate_size": 96,
                "max_position_embeddings": 512, "num_attention_heads": 4, "num_hidden_layers": 2,
                "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
-               "vocab_size": max(ids.values()) + 1, "attn_implementation": "flash_attention_2", "use_sliding_window": False}
+               "vocab_size": max(ids.values()) + 1, "attn_implementation": "flash_attention_2",
+               "use_sliding_window": False}
         template = "Hermes-2"
     six_b = vision == "6b"  # InternViT-6B (26B): RMSNorm, q/k norms, no qkv bias; InternViT-300M: LayerNorm, bias
     vision_config = {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": 32,
@@ -128,7 +129,8 @@ def internvl2_weights(config, g):
         p = f"vision_model.encoder.layers.{i}."
         w.update({p + "attn.qkv.weight": rand(3 * C, C), p + "attn.proj.weight": rand(C, C),
                   p + "attn.proj.bias": rand(C), p + "mlp.fc1.weight": rand(v["intermediate_size"], C),
-                  p + "mlp.fc1.bias": rand(v["intermediate_size"]), p + "mlp.fc2.weight": rand(C, v["intermediate_size"]),
+                  p + "mlp.fc1.bias": rand(v["intermediate_size"]),
+                  p + "mlp.fc2.weight": rand(C, v["intermediate_size"]),
                   p + "mlp.fc2.bias": rand(C), p + "norm1.weight": 1 + rand(C), p + "norm2.weight": 1 + rand(C),
                   p + "ls1": rand(C, scale=0.5), p + "ls2": rand(C, scale=0.5)})
         if v["qkv_bias"]:
@@ -250,8 +252,8 @@ def internlm2(embeddings, w, llm):
         attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + mask, dim=-1) @ v
         x = x + F.linear(attn.transpose(1, 2).reshape(B, L, D), w[p + "attention.wo.weight"])
         h = rms_norm(x, w[p + "ffn_norm.weight"], llm["rms_norm_eps"])
-        x = x + F.linear(F.silu(F.linear(h, w[p + "feed_forward.w1.weight"])) * F.linear(h, w[p + "feed_forward.w3.weight"]),
-                         w[p + "feed_forward.w2.weight"])
+        gate, up = F.linear(h, w[p + "feed_forward.w1.weight"]), F.linear(h, w[p + "feed_forward.w3.weight"])
+        x = x + F.linear(F.silu(gate) * up, w[p + "feed_forward.w2.weight"])
     x = rms_norm(x, w["language_model.model.norm.weight"], llm["rms_norm_eps"])
     return F.linear(x, w["language_model.output.weight"])
 
@@ -270,8 +272,8 @@ def internvl2_logits(input_ids, pixel_values, w, config, context_id):
         return internlm2(embeddings, w, llm)
     import transformers
 
-    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{k: v for k, v in llm.items()
-                                                                     if k not in ("architectures", "attn_implementation")})).eval()
+    settings = {k: v for k, v in llm.items() if k not in ("architectures", "attn_implementation")}
+    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**settings)).eval()
     qwen.load_state_dict({k[len("language_model."):]: t for k, t in w.items() if k.startswith("language_model.")})
     return qwen(inputs_embeds=embeddings).logits
 
