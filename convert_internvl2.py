@@ -31,6 +31,7 @@ import shutil
 import struct
 import sys
 
+import runs
 
 # InternVL2's image tokens (its modeling_internvl_chat.py constants, also in its tokenizer_config.json)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -356,9 +357,10 @@ def sentencepiece_tokenizer(path, added_tokens, add_bos):
         if tokenizer.token_to_id(content) != i:
             raise Refused(f"added token {content!r} would get id {tokenizer.token_to_id(content)}, not {i}")
     if add_bos:
-        bos = pieces[next(i for i, (_, _, kind) in enumerate(pieces) if kind == 3 and pieces[i][0] == "<s>")][0]
-        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                                 special_tokens=[(bos, vocab[bos])])
+        if "<s>" not in vocab:
+            raise Refused(f"{path}: no <s> piece, which InternLM2's tokenizer puts before every text")
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                                 special_tokens=[("<s>", vocab["<s>"])])
     return tokenizer
 
 
@@ -397,8 +399,11 @@ def converted_tokenizer(src, llm, template):
     if not os.path.isfile(model_file):
         raise Refused(f"{src}: no tokenizer.model, InternLM2's sentencepiece model")
     backend = sentencepiece_tokenizer(model_file, added, add_bos=settings.get("add_bos_token", True))
-    token = lambda name, default: (settings.get(name) or {}).get("content") if isinstance(settings.get(name), dict) \
-        else settings.get(name, default)
+
+    def token(name, default):  # tokenizer_config.json writes a token as its text or as {"content": text, ...}
+        value = settings.get(name, default)
+        return value.get("content") if isinstance(value, dict) else value
+
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=token("bos_token", "<s>"),
                                    eos_token=template[-1], unk_token=token("unk_token", "<unk>"),
                                    pad_token=token("pad_token", "</s>"), extra_special_tokens=image_tokens,
@@ -479,15 +484,14 @@ def convert(src, dst):
     with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
         f.write(chat_template(template))
     settings = image_settings(config, image_size)
-    for name, extra in (("preprocessor_config.json", {}),
-                        ("video_preprocessor_config.json", {"video_processor_type": "InternVLVideoProcessor"})):
+    video = {k: v for k, v in settings.items() if k != "image_processor_type"}  # the same settings for frames
+    for name, body in (("preprocessor_config.json", settings),
+                       ("video_preprocessor_config.json", {**video, "video_processor_type": "InternVLVideoProcessor"}),
+                       ("processor_config.json", {"image_seq_length": tokens_per_tile,
+                                                  "processor_class": "InternVLProcessor"})):
         with open(os.path.join(tmp, name), "w") as f:
-            body = {k: v for k, v in settings.items() if not (extra and k == "image_processor_type")}
-            json.dump({**body, **extra}, f, indent=2)
-    with open(os.path.join(tmp, "processor_config.json"), "w") as f:
-        json.dump({"image_seq_length": tokens_per_tile, "processor_class": "InternVLProcessor"}, f, indent=2)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+            json.dump(body, f, indent=2)
+    runs.replace_folder(tmp, dst)  # the old folder kept until the new one is in place
     return written
 
 

@@ -132,8 +132,8 @@ def decode_and_log(items, decode_batch, batch_size, path=None, made_with=None, o
     records = []
     out = open(path, "a") if path and items and distributed.is_main() else None
     chunk_size = batch_size * distributed.world_size()
-    bar = tqdm(total=total if total is not None else len(items), initial=(total or len(items)) - len(items),
-               desc=desc, disable=not progress)
+    total = len(items) if total is None else total
+    bar = tqdm(total=total, initial=total - len(items), desc=desc, disable=not progress)
     try:
         for start in range(0, len(items), chunk_size):
             chunk = items[start:start + chunk_size]

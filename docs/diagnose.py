@@ -11,46 +11,53 @@ the base model it started from (the student at step 0):
 - transfer: on POPE's questions, the share of the answers VCD decoding changed (base -> VCD, the
   teacher's own change) that the student changed the same way, and the answers it changed that VCD
   did not, with how many of each are right.
-The examples are read back from the run's examples log in make_examples' order (descriptions, then
-probes, shuffled by seed + 2) and split as self_evolve splits them.
+The examples are read back from the run's examples log by make_examples itself (nothing decoded
+again) and split as self_evolve splits them.
 """
 import json
 import os
-import random
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402
+import eval_pope  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
+import runs  # noqa: E402
 import seed  # noqa: E402
 import toyworld  # noqa: E402
 
 
-def run_examples(out, method="seed_reverse"):
-    """Round 0's examples in make_examples' order before its shuffle."""
-    log = os.path.join(out, method, "round0", "examples.jsonl")
-    records = [json.loads(line) for line in open(log)]
-    made = sorted(records, key=lambda r: r["kind"] != "description")  # descriptions first, then probes
-    return [{"image": r["image"], "prompt": r["prompt"], "kind": r["kind"], "teacher": r["teacher"],
-             "response": r["response"] + [None]} for r in made]  # the end token appended once the tokenizer is known
+def run_examples(out, config, model, processor, images, object_names):
+    """Round 0's reverse-KL examples as self_evolve made them: make_examples over the run's examples log,
+    which holds every answer (nothing is decoded again; a log made with other settings is refused)."""
+    contrast = eval_pope.contrast_settings(config)
+    settings = dict(probes_per_image=config.probes_per_image, description=toyworld.DESCRIBE,
+                    max_new_tokens=config.description_tokens, seed=config.seed, **contrast)
+    made_with = {**seed.example_settings(images, **settings), "run": cli.run_fingerprint(config),
+                 "divergence": "reverse", "round": 0}
+    answer = runs.examples_log(os.path.join(out, "seed_reverse", "round0", "examples.jsonl"), made_with,
+                               batch_size=config.batch_size)
+    return seed.make_examples(model, processor, images, object_names, batch_size=config.batch_size, answer=answer,
+                              **settings)
 
 
 @torch.no_grad()
-def first_answers(model, processor, images, examples, eos, batch_size=32):
+def first_answers(model, processor, images, examples, batch_size=32):
     """(the model's top first answer token on each probe, the recorded teacher's, mean reverse KL per
     response position over all the examples)."""
     model_top, teacher_top = [], []
     kl_sum = positions = 0.0
     for start in range(0, len(examples), batch_size):
-        chunk = [{**e, "response": e["response"][:-1] + [eos]} for e in examples[start:start + batch_size]]
+        chunk = examples[start:start + batch_size]
         batch = seed.collate(chunk, processor, images)
         _, (ids, logits), student = seed.recorded_seed_step(model, batch, "reverse", void_eps=1e-4)
         first = 0
         for e, n in zip(chunk, batch["response_mask"][:, 1:].sum(-1).tolist()):
-            if e["kind"] == "probe":
+            if e["prompt"] != toyworld.DESCRIBE:  # a yes/no probe
                 model_top.append(int(student[first].argmax()))
                 teacher_top.append(int(ids[first][logits[first].argmax()]))
             first += n
@@ -85,20 +92,18 @@ def transfer(out, method, split):
 
 
 def main(out):
-    results = json.load(open(os.path.join(out, "results.json")))
-    config = results["config"]
-    world_config = toyworld.WorldConfig(world_seed=config["world_seed"], steps=config["pretrain_steps"])
-    model_path, world = toyworld.build(world_config, progress=False, shipped=config["shipped_base"])
-    images = toyworld.unlabeled_images(world, config["unlabeled"], seed=config["seed"] + 20_000, config=world_config)
-    examples = run_examples(out)
-    random.Random(config["seed"] + 2).shuffle(examples)  # make_examples' mixing of descriptions and probes
-    trained, held_out = seed.hold_out(examples, config["batch_size"])
-    print(f"world {config['world_seed']}, {len(trained)} training examples, {len(held_out)} held out")
+    config = cli.Config(**json.load(open(os.path.join(out, "results.json")))["config"])
+    world_config = toyworld.WorldConfig(world_seed=config.world_seed, steps=config.pretrain_steps)
+    model_path, world = toyworld.build(world_config, progress=False, shipped=config.shipped_base)
+    images = toyworld.unlabeled_images(world, config.unlabeled, seed=config.seed + 20_000, config=world_config)
+    base, processor = models.load_model(model_path)
+    examples = run_examples(out, config, base, processor, images, list(world["names"]))
+    trained, held_out = seed.hold_out(examples, config.batch_size)
+    print(f"world {config.world_seed}, {len(trained)} training examples, {len(held_out)} held out")
     tops = {}
     for name, path in (("base", model_path), ("student", os.path.join(out, "seed_reverse", "merged"))):
         model, processor = models.load_model(path)
-        eos = processor.tokenizer.eos_token_id
-        tops[name] = {part: first_answers(model, processor, images, chunk, eos)
+        tops[name] = {part: first_answers(model, processor, images, chunk)
                       for part, chunk in (("trained", trained), ("held out", held_out))}
     for part in ("trained", "held out"):
         (base_top, teacher_top, base_kl), (student_top, _, student_kl) = tops["base"][part], tops["student"][part]

@@ -294,6 +294,14 @@ def test_batching_leaves_the_tokenizer_as_it_found_it(processor, side):
     assert (right["attention_mask"][:, 0] == 1).all() and torch.equal(right["input_ids"], batch["input_ids"])
 
 
+def test_probes_are_worded_as_pope_asks():
+    """seed.py words its probes itself (it imports no evaluation code): exactly POPE's question and suffix."""
+    import eval_pope
+
+    for name in list(eval_pope.COCO_OBJECTS) + ["apple", "umbrella", "eagle owl"]:
+        assert seed.probe_text(name) == eval_pope.question_for(name) + eval_pope.PROMPT_SUFFIX
+
+
 def test_the_readme_loop_runs_as_written():
     """The README's "SEED in your own training code" block, run as written (2 steps, not 600; 8 images, not 400):
     it gets its own model, processor, images and object names, and ends with a merged, changed model."""
