@@ -26,8 +26,10 @@ from torch import nn
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names; its config is also adapter_config.json,
-PEFT_CONFIG = "adapter_config.json"         # so a PEFT copy goes in a folder of its own
+# PEFT's file names; its config is also adapter_config.json, so a PEFT copy goes in a folder of its
+# own
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
 
 
 class AdapterLinear(nn.Module):
@@ -38,9 +40,12 @@ class AdapterLinear(nn.Module):
         self.base = base
         self.rank, self.alpha_r, self.scale = rank, alpha_r, alpha_r / rank
         device = base.weight.device
-        self.A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # LoRA's init for A; B = 0 keeps the start exact
+        self.A = nn.Parameter(
+            torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
+        self.B = nn.Parameter(
+            torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
+        # LoRA's init for A; B = 0 keeps the start exact
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.enabled = True
 
     def forward(self, x):
@@ -53,7 +58,8 @@ class AdapterLinear(nn.Module):
 
 def language_model(model, decoder=None):
     """The decoder the adapter belongs in: `decoder` (a submodule's qualified name) when given; an
-    LVLM's model.model.language_model (LLaVA, InternVL, Qwen2-VL); a text-only causal LM's whole model.
+    LVLM's model.model.language_model (LLaVA, InternVL, Qwen2-VL); else, for a text-only causal
+    LM, the whole model.
 
     Refuses a model with a vision part and no language_model rather than fall back to the whole
     model: the targets would then also match q_proj / v_proj in the vision tower, and the vision
@@ -68,14 +74,15 @@ def language_model(model, decoder=None):
             return found
     if not any("vision" in name or "visual" in name for name, _ in model.named_modules()):
         return model  # a text-only causal LM: all of it is the decoder
-    raise ValueError(f"{type(model).__name__} has a vision part but no `language_model` (looked for "
-                     f"model.model.language_model and model.language_model): name the decoder, "
+    raise ValueError(f"{type(model).__name__} has a vision part but no `language_model` (looked "
+                     f"for model.model.language_model and model.language_model): name the decoder, "
                      f"add_adapter(model, decoder='qualified.name')")
 
 
 def adapter_layers(model):
     """{qualified name: AdapterLinear} for every adapter attached to `model`."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, AdapterLinear)}
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, AdapterLinear)}
 
 
 def _set_submodule(root, qualified_name, module):
@@ -85,10 +92,11 @@ def _set_submodule(root, qualified_name, module):
 
 def add_adapter(model, rank=8, alpha_r=16.0, targets=("q_proj", "v_proj"), decoder=None):
     """Wrap every nn.Linear of the language model (language_model(model, decoder)) whose name ends
-    with a target; freeze all else. Returns the list of trainable parameters (every adapter's A and B).
+    with a target; freeze all else. Returns the trainable parameters (every adapter's A and B).
     """
     if adapter_layers(model):
-        raise ValueError("model already has an adapter: merge_adapter(model) first, or keep training this one")
+        raise ValueError(
+            "model already has an adapter: merge_adapter(model) first, or keep training this one")
     decoder_name, decoder = decoder, language_model(model, decoder)
     linears = {name: m for name, m in decoder.named_modules() if isinstance(m, nn.Linear)}
     chosen = {}
@@ -96,8 +104,8 @@ def add_adapter(model, rank=8, alpha_r=16.0, targets=("q_proj", "v_proj"), decod
         matches = [name for name in linears if name == target or name.endswith("." + target)]
         if not matches:
             suffixes = sorted({name.rpartition(".")[2] for name in linears})
-            raise ValueError(f"adapter target {target!r} matches no nn.Linear in the language model; "
-                             f"Linear names it could match: {suffixes}")
+            raise ValueError(f"adapter target {target!r} matches no nn.Linear in the language "
+                             f"model; Linear names it could match: {suffixes}")
         chosen.update({name: linears[name] for name in matches})
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -107,7 +115,8 @@ def add_adapter(model, rank=8, alpha_r=16.0, targets=("q_proj", "v_proj"), decod
         _set_submodule(decoder, name, wrapped)
         trainable += [wrapped.A, wrapped.B]
     model._adapter_settings = {"rank": rank, "alpha_r": alpha_r, "targets": list(targets)}
-    if decoder_name is not None:  # saved with the adapter, so that load_adapter finds the same layers
+    # saved with the adapter, so that load_adapter finds the same layers
+    if decoder_name is not None:
         model._adapter_settings["decoder"] = decoder_name
     return trainable
 
@@ -128,7 +137,7 @@ def adapter_disabled(model):
 
 @torch.no_grad()
 def merge_adapter(model):
-    """W <- W + (alpha_r / r) B A, then replace each wrapper by its plain nn.Linear. Returns the model.
+    """W <- W + (alpha_r / r) B A, each wrapper replaced by its plain nn.Linear; returns the model.
 
     In bfloat16 weights an update below half a weight's rounding step is lost in the merge (at
     |dW| / |W| = 1e-3 about half of it). The unmerged bf16 model loses the same share where it adds
@@ -158,7 +167,8 @@ def _write_adapter_files(path, tensors, weights_name, config, config_name, metad
 
 
 def save_adapter(model, path):
-    """Write the adapter's A and B to <path>/adapter.safetensors and its settings to adapter_config.json."""
+    """Write the adapter's A and B to <path>/adapter.safetensors and its settings to
+    adapter_config.json."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no adapter to save")
@@ -166,34 +176,36 @@ def save_adapter(model, path):
     for name, layer in layers.items():
         tensors[f"{name}.A"] = layer.A.detach().contiguous().cpu()
         tensors[f"{name}.B"] = layer.B.detach().contiguous().cpu()
-    _write_adapter_files(path, tensors, ADAPTER_WEIGHTS, {**model._adapter_settings, "layers": sorted(layers)},
-                         ADAPTER_CONFIG)
+    _write_adapter_files(path, tensors, ADAPTER_WEIGHTS,
+                         {**model._adapter_settings, "layers": sorted(layers)}, ADAPTER_CONFIG)
 
 
 def load_adapter(model, path):
-    """Attach (if needed) and fill the adapter saved by save_adapter. Returns the trainable parameters."""
+    """Attach (if needed) and fill the adapter saved by save_adapter; returns its parameters."""
     from safetensors.torch import load_file
 
-    config_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
+    config_path = os.path.join(path, ADAPTER_CONFIG)
+    weights_path = os.path.join(path, ADAPTER_WEIGHTS)
     with open(config_path) as f:
         settings = json.load(f)
     if not adapter_layers(model):
-        # "alpha" is the key of adapters saved before the scale was named alpha_r (METHOD.md 4)
-        add_adapter(model, rank=settings["rank"], alpha_r=settings.get("alpha_r", settings.get("alpha")),
+        add_adapter(model, rank=settings["rank"], alpha_r=settings["alpha_r"],
                     targets=tuple(settings["targets"]), decoder=settings.get("decoder"))
     layers = adapter_layers(model)
     tensors = load_file(weights_path)
     if sorted(layers) != settings["layers"]:
         missing = sorted(set(settings["layers"]) ^ set(layers))
-        raise ValueError(f"{config_path}: adapter layers do not match this model (differ at {missing[:5]})")
+        raise ValueError(
+            f"{config_path}: adapter layers do not match this model (differ at {missing[:5]})")
     trainable = []
     with torch.no_grad():
         for name, layer in layers.items():
             for key, parameter in (("A", layer.A), ("B", layer.B)):
                 saved = tensors[f"{name}.{key}"]
                 if saved.shape != parameter.shape:
-                    raise ValueError(f"{weights_path}: {name}.{key} has shape {tuple(saved.shape)}, "
-                                     f"this model needs {tuple(parameter.shape)}")
+                    raise ValueError(f"{weights_path}: {name}.{key} has shape "
+                                     f"{tuple(saved.shape)}, this model needs "
+                                     f"{tuple(parameter.shape)}")
                 parameter.copy_(saved)
                 trainable.append(parameter)
     return trainable
@@ -204,8 +216,8 @@ def save_peft_adapter(model, path, base_model_name_or_path=None):
     `peft.PeftModel.from_pretrained(base_model, path)` rebuilds this very student and its
     `merge_and_unload()` is merge_adapter's model. Returns the path.
 
-    PEFT's LoRA computes the same update, W x + (lora_alpha / r) lora_B lora_A x with lora_A of shape
-    (r, d_in) and lora_B (d_out, r): A and B are copied as they are, under PEFT's key names
+    PEFT's LoRA computes the same update, W x + (lora_alpha / r) lora_B lora_A x with lora_A of
+    shape (r, d_in) and lora_B (d_out, r): A and B are copied as they are, under PEFT's key names
     base_model.model.<module>.lora_A.weight / .lora_B.weight. target_modules lists the exact module
     names (language-model layers only): PEFT matches a list entry by name or dotted suffix, so the
     vision tower's q_proj / v_proj are never touched.
@@ -221,8 +233,10 @@ def save_peft_adapter(model, path, base_model_name_or_path=None):
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": settings["rank"], "lora_alpha": settings["alpha_r"], "target_modules": sorted(layers),
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "inference_mode": True,
     }
-    _write_adapter_files(path, tensors, PEFT_WEIGHTS, config, PEFT_CONFIG, metadata={"format": "pt"})
+    _write_adapter_files(path, tensors, PEFT_WEIGHTS, config, PEFT_CONFIG,
+                         metadata={"format": "pt"})
     return path

@@ -42,14 +42,15 @@ import seed
 SHAPES = {
     # the toy world's tiny LLaVA (toyworld.make_model), 16 image tokens
     "tiny": None,
-    # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens) + Vicuna-7B (Llama, 32 layers, 4096 wide)
+    # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens) + Vicuna-7B (Llama, 32 layers, 4096
+    # wide)
     "llava-7b": dict(
         vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
-                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
-                           projection_dim=768),
-        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                         max_position_embeddings=4096),
+                           num_hidden_layers=24, num_attention_heads=16, image_size=336,
+                           patch_size=14, projection_dim=768),
+        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096,
+                         intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, max_position_embeddings=4096),
         image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
         projector_hidden_act="gelu"),
 }
@@ -77,19 +78,22 @@ def build(shape, device, dtype, layers=None):
             torch.set_default_dtype(default_dtype)
     model = model.to(device=device, dtype=dtype).eval()
     vision = model.config.vision_config
-    n_image_tokens = (vision.image_size // vision.patch_size) ** 2  # CLS dropped ("default" strategy)
+    # CLS dropped ("default" strategy)
+    n_image_tokens = (vision.image_size // vision.patch_size) ** 2
     vocab = model.config.text_config.vocab_size
 
     def make_batch(batch_size, prompt_tokens=12, response_tokens=6, seed_=0):
         g = torch.Generator().manual_seed(seed_)
         prompt = torch.randint(5, min(vocab, 30_000) - 1, (batch_size, prompt_tokens), generator=g)
-        response = torch.randint(5, min(vocab, 30_000) - 1, (batch_size, response_tokens), generator=g)
+        response = torch.randint(5, min(vocab, 30_000) - 1, (batch_size, response_tokens),
+                                 generator=g)
         image = torch.full((batch_size, n_image_tokens), model.config.image_token_id)
         input_ids = torch.cat([prompt[:, :2], image, prompt[:, 2:], response], dim=1)
         response_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         response_mask[:, -response_tokens:] = True
         pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=g)
-        return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
+        return {"input_ids": input_ids.to(device),
+                "attention_mask": torch.ones_like(input_ids).to(device),
                 "response_mask": response_mask.to(device), "pixel_values": pixels.to(device, dtype)}
 
     return model, make_batch
@@ -117,26 +121,31 @@ def timed(fn, device, repeats):
 
 def ratio(a, b):
     """a / b for medians, with the spread of the ratio taken from the extremes."""
-    return {"median": a["median"] / b["median"], "min": a["min"] / b["max"], "max": a["max"] / b["min"]}
+    return {"median": a["median"] / b["median"], "min": a["min"] / b["max"],
+            "max": a["max"] / b["min"]}
 
 
-KEPT = 16  # listed tokens a position in the recorded teacher: above the toy world's mean and near its largest
+# listed tokens a position in the recorded teacher: above the toy world's mean and near its largest
+KEPT = 16
 
 
 def with_recorded_teacher(batch, vocab):
-    """The batch with a sparse teacher at each response position (KEPT random ids, random logits)."""
+    """The batch with a sparse teacher at each response position (KEPT random ids, random
+    logits)."""
     g = torch.Generator().manual_seed(2)
     n = int(batch["response_mask"][:, 1:].sum())
     ids = torch.stack([torch.randperm(vocab, generator=g)[:KEPT] for _ in range(n)])
     device = batch["input_ids"].device
-    return {**batch, "teacher_ids": ids.to(device), "teacher_logits": torch.randn(n, KEPT, generator=g).to(device)}
+    return {**batch, "teacher_ids": ids.to(device),
+            "teacher_logits": torch.randn(n, KEPT, generator=g).to(device)}
 
 
 def train_step_fn(model, batch, kind, optimizer, autocast):
     def step():
         with autocast:
             if kind == "seed":
-                loss, _, _ = seed.seed_step(model, batch, "reverse", generator=torch.Generator().manual_seed(0))
+                loss, _, _ = seed.seed_step(model, batch, "reverse",
+                                            generator=torch.Generator().manual_seed(0))
             elif kind == "recorded":
                 loss, _, _ = seed.recorded_seed_step(model, batch, "reverse")
             else:
@@ -159,9 +168,10 @@ def _rss_bytes(field):
 def memory_probe(args):
     """Run in a fresh process: memory of one kind of training step, printed as JSON.
 
-    GPU: torch.cuda.max_memory_allocated (weights included: a second copy of the weights would show).
-    CPU: the peak resident set above what the process held before the step (the step's own memory:
-    activations, logits, gradients), since the interpreter and torch alone take hundreds of MiB.
+    GPU: torch.cuda.max_memory_allocated (weights included: a second copy of the weights would
+    show). CPU: the peak resident set above what the process held before the step (the step's own
+    memory: activations, logits, gradients), since the interpreter and torch alone take hundreds of
+    MiB.
     """
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model, make_batch = build(args.shape, device, dtype, args.layers)
@@ -191,26 +201,34 @@ def bench_problem(args):
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         return f"--device {args.device}: no such device here (cpu, or cuda when there is one)"
     for flag, value in (("--layers", args.layers), ("--batch-size", args.batch_size),
-                        ("--answer-tokens", args.answer_tokens), ("--decode-tokens", args.decode_tokens),
-                        ("--repeats", args.repeats)):
+                        ("--answer-tokens", args.answer_tokens),
+                        ("--decode-tokens", args.decode_tokens), ("--repeats", args.repeats)):
         if value is not None and value < 1:
             return f"{flag} must be at least 1, got {value}"
     return None
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
-    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="model shape (random weights)")
-    parser.add_argument("--layers", type=int, default=None, help="override the layer count (same widths)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights dtype")
+    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES),
+                        help="model shape (random weights)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="override the layer count (same widths)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples / questions per batch")
-    parser.add_argument("--answer-tokens", type=int, default=4, help="tokens generated per POPE answer")
-    parser.add_argument("--decode-tokens", type=int, default=24, help="tokens generated per row in the decoding "
-                                                                      "throughput figures (a description's length)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (after one warm-up)")
+    parser.add_argument("--answer-tokens", type=int, default=4,
+                        help="tokens generated per POPE answer")
+    parser.add_argument("--decode-tokens", type=int, default=24,
+                        help="tokens generated per row in the decoding throughput figures (a "
+                             "description's length)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repeats per figure (after one warm-up)")
     parser.add_argument("--json", help="write every figure to this JSON file")
-    parser.add_argument("--memory-probe", choices=["seed", "recorded", "sft"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", choices=["seed", "recorded", "sft"],
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     problem = bench_problem(args)
     if problem:  # before anything is built, in one line
@@ -219,22 +237,26 @@ def parse_args(argv=None):
 
 
 def train_steps(model, make_batch, autocast, device, args):
-    """1. The training step: SEED (online and recorded teacher) against plain adapter fine-tuning, on the
-    same model, batch and adapter. Leaves the adapter on the model."""
+    """1. The training step: SEED (online and recorded teacher) against plain adapter fine-tuning,
+    on the same model, batch and adapter. Leaves the adapter on the model."""
     optimizer = torch.optim.AdamW(adapter.add_adapter(model), lr=1e-4)
     batch = make_batch(args.batch_size)
-    t_seed = timed(train_step_fn(model, batch, "seed", optimizer=optimizer, autocast=autocast), device, args.repeats)
-    t_sft = timed(train_step_fn(model, batch, "sft", optimizer=optimizer, autocast=autocast), device, args.repeats)
+    t_seed = timed(train_step_fn(model, batch, "seed", optimizer=optimizer, autocast=autocast),
+                   device, args.repeats)
+    t_sft = timed(train_step_fn(model, batch, "sft", optimizer=optimizer, autocast=autocast),
+                  device, args.repeats)
     recorded = with_recorded_teacher(batch, model.config.text_config.vocab_size)
-    t_recorded = timed(train_step_fn(model, recorded, "recorded", optimizer=optimizer, autocast=autocast), device,
+    t_recorded = timed(train_step_fn(model, recorded, "recorded", optimizer=optimizer,
+                                     autocast=autocast), device,
                        args.repeats)
     return dict(train_step_seed_s=t_seed, train_step_sft_s=t_sft, train_step_recorded_s=t_recorded,
-                train_step_ratio=ratio(t_seed, t_sft), train_step_ratio_recorded=ratio(t_recorded, t_sft))
+                train_step_ratio=ratio(t_seed, t_sft),
+                train_step_ratio_recorded=ratio(t_recorded, t_sft))
 
 
 def answer_costs(model, inputs, autocast, device, args):
-    """2. The answer cost: the base model (adapter off), VCD decoding, and the merged SEED model (merges the
-    adapter); 3. one batch of questions against the same questions one at a time."""
+    """2. The answer cost: the base model (adapter off), VCD decoding, and the merged SEED model
+    (merges the adapter); 3. one batch of questions against the same questions one at a time."""
     per_answer = lambda t: {k: v / args.batch_size for k, v in t.items()}  # noqa: E731
 
     def answer(contrast=False):
@@ -244,7 +266,8 @@ def answer_costs(model, inputs, autocast, device, args):
     def one_at_a_time():
         with autocast:
             for i in range(args.batch_size):
-                decode.generate(model, {k: v[i:i + 1] for k, v in inputs.items()}, args.answer_tokens)
+                decode.generate(model, {k: v[i:i + 1] for k, v in inputs.items()},
+                                args.answer_tokens)
 
     with adapter.adapter_disabled(model):
         t_base = per_answer(timed(answer, device, args.repeats))
@@ -253,14 +276,16 @@ def answer_costs(model, inputs, autocast, device, args):
     t_merged = per_answer(timed(answer, device, args.repeats))
     t_single = per_answer(timed(one_at_a_time, device, max(1, args.repeats // 2)))
     return dict(answer_base_s=t_base, answer_seed_s=t_merged, answer_vcd_s=t_vcd,
-                answer_cost_ratio_seed=ratio(t_merged, t_base), answer_cost_ratio_vcd=ratio(t_vcd, t_base),
-                eval_single_s=t_single, eval_batched_speedup=ratio(t_single, t_base))
+                answer_cost_ratio_seed=ratio(t_merged, t_base),
+                answer_cost_ratio_vcd=ratio(t_vcd, t_base), eval_single_s=t_single,
+                eval_batched_speedup=ratio(t_single, t_base))
 
 
 def decoding(model, inputs, autocast, device, args):
-    """4. Decoding throughput: this project's greedy loop against transformers' own generate (greedy, KV
-    cache, the same batch, exactly decode_tokens new tokens on both, the image placeholders suppressed on
-    both), the purified two-pass decoding that makes SEED's examples, and the same recording the teacher."""
+    """4. Decoding throughput: this project's greedy loop against transformers' own generate
+    (greedy, KV cache, the same batch, exactly decode_tokens new tokens on both, the image
+    placeholders suppressed on both), the purified two-pass decoding that makes SEED's examples, and
+    the same recording the teacher."""
     placeholders = models.placeholder_token_ids(model)
     n = args.decode_tokens
 
@@ -270,8 +295,8 @@ def decoding(model, inputs, autocast, device, args):
 
     def library():
         with autocast:
-            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                           suppress_tokens=placeholders, pad_token_id=0)
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           use_cache=True, suppress_tokens=placeholders, pad_token_id=0)
 
     t_ours, t_library = timed(ours, device, args.repeats), timed(library, device, args.repeats)
     t_purified = timed(lambda: ours(True), device, args.repeats)
@@ -283,17 +308,20 @@ def decoding(model, inputs, autocast, device, args):
 
 
 def peak_memories(args):
-    """5. The peak memory of each step, each in a fresh process so that none inherits another's peak."""
+    """5. The peak memory of each step, each in a fresh process so that none inherits another's
+    peak."""
     peaks = {}
     for kind in ("seed", "recorded", "sft"):
-        command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--device", args.device,
-                   "--dtype", args.dtype, "--shape", args.shape, "--batch-size", str(args.batch_size)]
+        command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--device",
+                   args.device, "--dtype", args.dtype, "--shape", args.shape, "--batch-size",
+                   str(args.batch_size)]
         if args.layers:
             command += ["--layers", str(args.layers)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         peaks[kind] = json.loads(output.strip().splitlines()[-1])["peak_bytes"]
     return dict(peak_memory_seed_bytes=peaks["seed"], peak_memory_sft_bytes=peaks["sft"],
-                peak_memory_recorded_bytes=peaks["recorded"], peak_memory_ratio=peaks["seed"] / peaks["sft"],
+                peak_memory_recorded_bytes=peaks["recorded"],
+                peak_memory_ratio=peaks["seed"] / peaks["sft"],
                 peak_memory_ratio_recorded=peaks["recorded"] / peaks["sft"])
 
 
@@ -332,24 +360,30 @@ def format_table(r):
         return f"{name:<48}{shown:<28}{target}"
 
     ms = lambda t: f"{1000 * t['median']:.2f} ms"  # noqa: E731
-    lines = [f"SEED bench on {r['device']}, shape {r['shape']}, {r['dtype']}, batch {r['batch_size']}",
-             f"{'ratio':<48}{'median  (spread)':<28}target",
-             row("train step: SEED online / plain adapter step", r["train_step_ratio"], "<= 1.8 (floor ~5/3)"),
-             row("train step: SEED recorded / plain adapter step", r["train_step_ratio_recorded"], "<= 1.15"),
+    lines = [f"SEED bench on {r['device']}, shape {r['shape']}, {r['dtype']}, batch "
+             f"{r['batch_size']}", f"{'ratio':<48}{'median  (spread)':<28}target",
+             row("train step: SEED online / plain adapter step", r["train_step_ratio"],
+                 "<= 1.8 (floor ~5/3)"),
+             row("train step: SEED recorded / plain adapter step", r["train_step_ratio_recorded"],
+                 "<= 1.15"),
              row("answer cost: merged SEED / base", r["answer_cost_ratio_seed"], "<= 1.05"),
              row("answer cost: VCD / base", r["answer_cost_ratio_vcd"], "~2"),
              row("peak memory: SEED online step / plain step", r["peak_memory_ratio"], "<= 1.3"),
-             row("peak memory: SEED recorded step / plain step", r["peak_memory_ratio_recorded"], "<= 1.3"),
+             row("peak memory: SEED recorded step / plain step", r["peak_memory_ratio_recorded"],
+                 "<= 1.3"),
              row("eval: batched speed-up over one at a time", r["eval_batched_speedup"], "> 1"),
-             row("decoding: our greedy loop / model.generate", r["decode_throughput_ratio"], ">= 1 (tokens/s)"),
-             row("decoding: purified two-pass / our greedy", r["decode_purified_throughput_ratio"], "~0.5 (tokens/s)"),
-             row("examples: recording the teacher / not", r["examples_record_ratio"], "<= 1.05 (time)"),
-             f"raw: SEED step {ms(r['train_step_seed_s'])} online / {ms(r['train_step_recorded_s'])} recorded, "
-             f"plain step {ms(r['train_step_sft_s'])}, "
-             f"answer base {ms(r['answer_base_s'])} / SEED {ms(r['answer_seed_s'])} / VCD {ms(r['answer_vcd_s'])}, "
-             f"decoding {ms(r['decode_ours_s'])} / generate {ms(r['decode_generate_s'])} / purified "
-             f"{ms(r['decode_purified_s'])} a batch, "
-             f"peak memory SEED {r['peak_memory_seed_bytes'] / 2**20:.0f} MiB online / "
+             row("decoding: our greedy loop / model.generate", r["decode_throughput_ratio"],
+                 ">= 1 (tokens/s)"),
+             row("decoding: purified two-pass / our greedy", r["decode_purified_throughput_ratio"],
+                 "~0.5 (tokens/s)"),
+             row("examples: recording the teacher / not", r["examples_record_ratio"],
+                 "<= 1.05 (time)"),
+             f"raw: SEED step {ms(r['train_step_seed_s'])} online / "
+             f"{ms(r['train_step_recorded_s'])} recorded, plain step {ms(r['train_step_sft_s'])}, "
+             f"answer base {ms(r['answer_base_s'])} / SEED {ms(r['answer_seed_s'])} / VCD "
+             f"{ms(r['answer_vcd_s'])}, decoding {ms(r['decode_ours_s'])} / generate "
+             f"{ms(r['decode_generate_s'])} / purified {ms(r['decode_purified_s'])} a batch, peak "
+             f"memory SEED {r['peak_memory_seed_bytes'] / 2**20:.0f} MiB online / "
              f"{r['peak_memory_recorded_bytes'] / 2**20:.0f} MiB recorded / plain "
              f"{r['peak_memory_sft_bytes'] / 2**20:.0f} MiB"]
     return "\n".join(lines)

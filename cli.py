@@ -21,75 +21,88 @@ import purge
 import runs
 
 
+def setting(default, text, choices=None, former_name=None):
+    """A Config field: its default, its --help text, the choices of a choice, and the flag it had
+    before a rename (still accepted, so that older commands run unchanged)."""
+    return field(default=default, metadata={"help": text, "choices": choices,
+                                            "former_name": former_name})
+
 
 @dataclass
 class Config:
-    model: str = field(default=None, metadata={"help": "local LLaVA-1.5 / InternVL / Qwen2-VL checkpoint in "
-                                                       "transformers form; none: the built-in toy world (ours)"})
-    images: str = field(default=None, metadata={"help": "folder of unlabeled images for SEED (with --model)"})
-    pope: str = field(default=None, metadata={"help": "folder holding *_pope_{random,popular,adversarial}.json"})
-    pope_images: str = field(default=None, metadata={"help": "folder of the POPE questions' images"})
-    objects: str = field(default=None, metadata={"help": "text file, one object name a line, to probe on the "
-                                                         "unlabeled images (default: the 80 COCO classes)"})
-    world_seed: int = field(default=0, metadata={"help": "toy world: which world (classes, glyphs, partners)"})
-    pretrain_steps: int = field(default=2400, metadata={"help": "toy world: pretraining steps of the base model"})
-    shipped_base: bool = field(default=True, metadata={"help": "default world: start from the base model shipped in "
-                                                               "toyworld_base/ (--no-shipped-base pretrains it here, "
-                                                               "into the cache, as every other world is)"})
-    seed: int = field(default=0, metadata={"help": "seed of everything else (adapter init, batches, noise)"})
-    rounds: int = field(default=2, metadata={"help": "self-evolution rounds, each from the model the last one merged "
-                                                     "(METHOD.md 5; ours: 2, measured in docs/EXPERIMENTS.md)"})
-    steps: int = field(default=600, metadata={"help": "SEED optimiser steps per round (ours)"})
-    loss: str = field(default="both", metadata={"help": "reverse (SEED), forward (classic KD) or both (the "
-                                                        "paper's ablation)", "choices": ["both", "reverse", "forward"]})
-    teacher: str = field(default="recorded", metadata={
-        "help": "recorded: distil the purified teacher recorded while the examples were made (the student's "
-                "pass alone; measured in docs/EXPERIMENTS.md); online: the teacher's clean and distorted passes "
-                "every step, fresh noise each",
-        "choices": ["recorded", "online"]})
-    batch_size: int = field(default=32, metadata={"help": "SEED examples per step (ours)"})
-    lr: float = field(default=2e-3, metadata={"help": "adapter learning rate, AdamW (ours)"})
-    rank: int = field(default=8, metadata={"help": "adapter rank r (ours, LoRA's common value)"})
-    adapter_alpha: float = field(default=16.0, metadata={"help": "adapter scale alpha_r; update = alpha_r / r B A"})
-    alpha: float = field(default=purge.ALPHA, metadata={"help": "contrast strength: c = (1 + alpha) z - alpha z' (VCD)"})
-    beta: float = field(default=purge.BETA, metadata={"help": "plausibility cut: keep p >= beta p_max (VCD)"})
-    noise_step: int = field(default=None, metadata={"help": "diffusion step k of the distortion, 0..999; none: VCD's "
-                                                            "500 with --model, toyworld.NOISE_STEP (700) on the toy world"})
-    void_eps: float = field(default=1e-4, metadata={"help": "reverse KL: floor on the purified teacher's void "
-                                                            "probabilities; student mass on a void costs log(1/eps) "
-                                                            "nats each (ours; losses.reverse_kl's default is 1e-8)"})
-    unlabeled: int = field(default=400, metadata={"help": "toy world: unlabeled images for SEED"})
-    probes_per_image: int = field(default=6, metadata={"help": "yes/no probes the model answers per unlabeled image"})
-    description_tokens: int = field(default=24, metadata={"help": "length limit of the model's purified descriptions "
-                                                                  "of the unlabeled images (ours)"})
-    eval_images: int = field(default=250, metadata={"help": "toy world: held-out POPE images (6 questions each)"})
-    sample_seeds: int = field(default=3, metadata={"help": "seeds for sampled decoding (mean and spread)"})
-    eval_batch_size: int = field(default=64, metadata={"help": "questions per forward pass in evaluation"})
-    checkpoint_every: int = field(default=50, metadata={"help": "write adapter + optimiser every N steps"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out (made with the same settings: "
-                                                        "refused otherwise), keeping its answers, examples and "
-                                                        "checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an earlier run in --out (without it, and "
-                                                           "without --resume, such an --out is refused)"})
-    skip_unreadable: bool = field(default=False, metadata={"help": "leave unreadable files of --images out (and say "
-                                                                   "how many) instead of refusing to start"})
-    out: str = field(default="out", metadata={"help": "where answers, adapters and results.json go"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when there is one)"})
-    progress: bool = field(default=True, metadata={"help": "tqdm bars (--no-progress to silence them)"})
-    dist_timeout: int = field(default=30, metadata={"help": "under torchrun: minutes a process waits on the others "
-                                                            "before the job fails instead of hanging"})
+    model: str = setting(None, "local LLaVA-1.5 / InternVL / Qwen2-VL checkpoint in transformers "
+                               "form; none: the built-in toy world (ours)")
+    images: str = setting(None, "folder of unlabeled images for SEED (with --model)")
+    pope: str = setting(None, "folder holding *_pope_{random,popular,adversarial}.json")
+    pope_images: str = setting(None, "folder of the POPE questions' images")
+    objects: str = setting(None, "text file, one object name a line, to probe on the unlabeled "
+                                 "images (default: the 80 COCO classes)")
+    world_seed: int = setting(0, "toy world: which world (classes, glyphs, partners)")
+    pretrain_steps: int = setting(2400, "toy world: pretraining steps of the base model")
+    shipped_base: bool = setting(True, "default world: start from the base model shipped in "
+                                       "toyworld_base/ (--no-shipped-base pretrains it here, into "
+                                       "the cache, as every other world is)")
+    seed: int = setting(0, "seed of everything else (adapter init, batches, noise)")
+    rounds: int = setting(2, "self-evolution rounds, each from the model the last one merged "
+                             "(METHOD.md 5; ours: 2, measured in docs/EXPERIMENTS.md)")
+    steps: int = setting(600, "SEED optimiser steps per round (ours)")
+    divergence: str = setting("both", "reverse KL (SEED), forward KL (classic KD) or both (the "
+                                      "paper's ablation)", choices=["both", "reverse", "forward"],
+                              former_name="--loss")
+    teacher: str = setting("recorded", "recorded: distil the purified teacher recorded while the "
+                                       "examples were made (the student's pass alone; measured in "
+                                       "docs/EXPERIMENTS.md); online: the teacher's clean and "
+                                       "distorted passes every step, fresh noise each",
+                                       choices=["recorded", "online"])
+    batch_size: int = setting(32, "SEED examples per step (ours)")
+    lr: float = setting(2e-3, "adapter learning rate, AdamW (ours)")
+    rank: int = setting(8, "adapter rank r (ours, LoRA's common value)")
+    alpha_r: float = setting(16.0, "adapter scale alpha_r; update = alpha_r / r B A",
+                             former_name="--adapter-alpha")
+    alpha: float = setting(purge.ALPHA, "contrast strength: c = (1 + alpha) z - alpha z' (VCD)")
+    beta: float = setting(purge.BETA, "plausibility cut: keep p >= beta p_max (VCD)")
+    noise_step: int = setting(None, "diffusion step k of the distortion, 0..999; none: VCD's 500 "
+                                    "with --model, toyworld.NOISE_STEP (700) on the toy world")
+    void_eps: float = setting(1e-4, "reverse KL: floor on the purified teacher's void "
+                                    "probabilities; student mass on a void costs log(1/eps) nats "
+                                    "each (ours; losses.reverse_kl's default is 1e-8)")
+    unlabeled: int = setting(400, "toy world: unlabeled images for SEED")
+    probes_per_image: int = setting(6, "yes/no probes the model answers per unlabeled image")
+    description_tokens: int = setting(24, "length limit of the model's purified descriptions of "
+                                          "the unlabeled images (ours)")
+    eval_images: int = setting(250, "toy world: held-out POPE images (6 questions each)")
+    sample_seeds: int = setting(3, "seeds for sampled decoding (mean and spread)")
+    eval_batch_size: int = setting(64, "questions per forward pass in evaluation")
+    checkpoint_every: int = setting(50, "write adapter + optimiser every N steps")
+    resume: bool = setting(False, "continue the run in --out (made with the same settings: refused "
+                                  "otherwise), keeping its answers, examples and checkpoint")
+    overwrite: bool = setting(False, "replace an earlier run in --out (without it, and without "
+                                     "--resume, such an --out is refused)")
+    skip_unreadable: bool = setting(False, "leave unreadable files of --images out (and say how "
+                                           "many) instead of refusing to start")
+    out: str = setting("out", "where answers, adapters and results.json go")
+    device: str = setting("auto", "cpu, cuda, or auto (cuda when there is one)")
+    progress: bool = setting(True, "tqdm bars (--no-progress to silence them)")
+    dist_timeout: int = setting(30, "under torchrun: minutes a process waits on the others before "
+                                    "the job fails instead of hanging")
 
 
 def parse_config(argv=None, description=None):
-    """The Config of `argv` (sys.argv's flags when None); a bad flag or path exits with status 2 in one line."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The Config of `argv` (sys.argv's flags when None); a bad flag or path exits with status 2 in
+    one line."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool" or f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default: {f.default})",
+            kind = {"int": int, "float": float,
+                    "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            former = [f.metadata["former_name"]] if f.metadata["former_name"] else []
+            parser.add_argument(flag, *former, type=kind, default=f.default,
+                                help=f.metadata["help"] + f" (default: {f.default})",
                                 choices=f.metadata.get("choices"))
     args = parser.parse_args(argv)
     if args.noise_step is None:  # glyphs on a flat background survive more noise than photographs
@@ -103,9 +116,11 @@ def parse_config(argv=None, description=None):
 
 
 def pope_files_in(folder):
-    """{split: path} of the *_pope_{split}.json files in a folder, in the table's order (random, popular, adversarial)."""
+    """{split: path} of the *_pope_{split}.json files in a folder, in the table's order (random,
+    popular, adversarial)."""
     names = sorted(os.listdir(folder))
-    return {s: os.path.join(folder, n) for s in eval_pope.SPLITS for n in names if n.endswith(f"_pope_{s}.json")}
+    return {s: os.path.join(folder, n) for s in eval_pope.SPLITS for n in names
+            if n.endswith(f"_pope_{s}.json")}
 
 
 def image_names_in(folder):
@@ -113,9 +128,11 @@ def image_names_in(folder):
     return sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg", ".png")))
 
 
-# Flags that change no answer, example or adapter: a resumed run may change them (the rest are content_settings)
-NOT_CONTENT = ("resume", "overwrite", "skip_unreadable", "out", "device", "progress", "dist_timeout",
-               "eval_batch_size", "checkpoint_every", "loss", "sample_seeds")
+# Flags that change no answer, example or adapter: a resumed run may change them (the rest are
+# content_settings)
+NOT_CONTENT = ("resume", "overwrite", "skip_unreadable", "out", "device", "progress",
+               "dist_timeout", "eval_batch_size", "checkpoint_every", "divergence",
+               "sample_seeds")
 PATH_FLAGS = ("model", "images", "pope", "pope_images", "objects")
 EARLIER_RUN = ("run.json", "results.json", "base", "vcd", "seed_forward", "seed_reverse")
 
@@ -127,26 +144,30 @@ def content_settings(config):
 
 
 def check_config(args):
-    """The first thing wrong with the flags or the paths they name, as one sentence; None if all is well."""
-    at_least = {"pretrain_steps": 1, "rounds": 1, "steps": 1, "batch_size": 1, "rank": 1, "unlabeled": 1,
-                "probes_per_image": 0, "description_tokens": 1, "eval_images": 1, "sample_seeds": 1,
-                "eval_batch_size": 1, "checkpoint_every": 0, "dist_timeout": 1}
+    """The first thing wrong with the flags or the paths they name, as one sentence; None if all is
+    well."""
+    at_least = {"pretrain_steps": 1, "rounds": 1, "steps": 1, "batch_size": 1, "rank": 1,
+                "unlabeled": 1, "probes_per_image": 0, "description_tokens": 1, "eval_images": 1,
+                "sample_seeds": 1, "eval_batch_size": 1, "checkpoint_every": 0, "dist_timeout": 1}
     for name, low in at_least.items():
         if getattr(args, name) < low:
             return f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}"
     processes = distributed.launched_processes()
     if args.batch_size < processes:
-        return f"--batch-size {args.batch_size} is the global batch: at least one row per process ({processes})"
-    problem = (eval_pope.out_of_range("--noise-step", args.noise_step, 0, purge.NUM_DIFFUSION_STEPS - 1)
+        return (f"--batch-size {args.batch_size} is the global batch: at least one row per process "
+                f"({processes})")
+    problem = (eval_pope.out_of_range("--noise-step", args.noise_step, 0,
+                                      purge.NUM_DIFFUSION_STEPS - 1)
                or eval_pope.out_of_range("--alpha", args.alpha, low=0)
                or eval_pope.out_of_range("--beta", args.beta, 0, 1, above=True)
                or eval_pope.out_of_range("--void-eps", args.void_eps, 0, 1, above=True, below=True)
                or eval_pope.out_of_range("--lr", args.lr, low=0, above=True)
-               or eval_pope.out_of_range("--adapter-alpha", args.adapter_alpha, low=0, above=True)
+               or eval_pope.out_of_range("--alpha-r", args.alpha_r, low=0, above=True)
                or eval_pope.output_problem("--out", args.out, folder=True))
     if problem:
         return problem
-    if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+    if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda")
+                                                   and torch.cuda.is_available()):
         return f"--device {args.device}: no such device here (cpu, cuda when there is one, or auto)"
     if args.resume and args.overwrite:
         return "--resume continues the run in --out, --overwrite replaces it: give one"
@@ -158,31 +179,34 @@ def toy_world_flags_problem(args):
     given = [f"--{name.replace('_', '-')}" for name in ("images", "pope", "pope_images", "objects")
              if getattr(args, name)]
     if given:
-        return f"{given[0]} is for a real run (--model); the toy world brings its own images, questions and objects"
+        return (f"{given[0]} is for a real run (--model); the toy world brings its own images, "
+                f"questions and objects")
     return None
 
 
 def earlier_run_problem(args):
-    """Why the run may not start in --out: an earlier run there that --resume would mix with other settings,
-    or one that a fresh run would replace without --overwrite. Under torchrun process 0 alone looks (the
-    others could see the run.json it has just written), and its refusal ends the job."""
+    """Why the run may not start in --out: an earlier run there that --resume would mix with other
+    settings, or one that a fresh run would replace without --overwrite. Under torchrun process 0
+    alone looks (the others could see the run.json it has just written), and its refusal ends the
+    job."""
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     run_file = os.path.join(args.out, "run.json")
     earlier = [n for n in EARLIER_RUN if os.path.exists(os.path.join(args.out, n))]
     if args.resume and earlier:
         if not os.path.isfile(run_file):
-            return f"--resume: {args.out} holds a run that does not say what it was made with (no run.json)"
+            return (f"--resume: {args.out} holds a run that does not say what it was made with (no "
+                    f"run.json)")
         with open(run_file) as f:
             recorded = json.load(f)["settings"]
         difference = runs.first_difference(recorded, content_settings(args))
         if difference:
             flag, old, new = difference
-            return (f"--resume: {args.out} was made with --{flag.replace('_', '-')} {old}, this run has {new}: give "
-                    f"the same flags, or another --out")
+            return (f"--resume: {args.out} was made with --{flag.replace('_', '-')} {old}, this "
+                    f"run has {new}: give the same flags, or another --out")
     if earlier and not args.resume and not args.overwrite:
-        return (f"--out {args.out} holds an earlier run ({', '.join(earlier)}): --resume continues it, --overwrite "
-                f"replaces it, or choose another --out")
+        return (f"--out {args.out} holds an earlier run ({', '.join(earlier)}): --resume continues "
+                f"it, --overwrite replaces it, or choose another --out")
     return None
 
 
@@ -191,48 +215,57 @@ def check_model_flags(args):
     if not (args.images and args.pope and args.pope_images):
         return "--model needs --images, --pope and --pope-images (no data is downloaded)"
     if not os.path.isfile(os.path.join(args.model, "config.json")):
-        return f"--model {args.model}: not a local checkpoint folder (no config.json; nothing is downloaded)"
-    if not any(os.path.isfile(os.path.join(args.model, n)) for n in ("processor_config.json",
-                                                                      "preprocessor_config.json")):
-        return f"--model {args.model}: no processor in the folder (processor_config.json or preprocessor_config.json)"
+        return (f"--model {args.model}: not a local checkpoint folder (no config.json; nothing is "
+                f"downloaded)")
+    processor_files = ("processor_config.json", "preprocessor_config.json")
+    if not any(os.path.isfile(os.path.join(args.model, n)) for n in processor_files):
+        return (f"--model {args.model}: no processor in the folder (processor_config.json or "
+                f"preprocessor_config.json)")
     if args.objects and not os.path.isfile(args.objects):
         return f"--objects {args.objects}: no such file"
-    for flag, folder in (("--images", args.images), ("--pope", args.pope), ("--pope-images", args.pope_images)):
+    for flag, folder in (("--images", args.images), ("--pope", args.pope),
+                         ("--pope-images", args.pope_images)):
         if not os.path.isdir(folder):
-            return f"{flag} {folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder")
+            return f"{flag} {folder}: " + ("not a folder" if os.path.exists(folder)
+                                           else "no such folder")
     if not image_names_in(args.images):
         return f"--images {args.images}: no .jpg, .jpeg or .png files"
     pope_files = pope_files_in(args.pope)
     missing = [s for s in eval_pope.SPLITS if s not in pope_files]
     if missing:
-        return f"--pope {args.pope}: no *_pope_{missing[0]}.json (POPE's three files are needed: {eval_pope.SPLITS})"
+        return (f"--pope {args.pope}: no *_pope_{missing[0]}.json (POPE's three files are needed: "
+                f"{eval_pope.SPLITS})")
     test_images = set()
     for path in pope_files.values():
         try:
             questions = eval_pope.load_questions(path, labelled=True)
         except ValueError as error:  # already names the file and the line
             return str(error)
-        problem = eval_pope.image_problem(questions, path, args.pope_images)  # quietly: one line if it fails
+        # quietly: one line if it fails
+        problem = eval_pope.image_problem(questions, path, args.pope_images)
         if problem:  # missing or unreadable, with the question file's line
-            return problem.replace(f" is not in {args.pope_images} ", f" is not in --pope-images {args.pope_images} ")
+            return problem.replace(f" is not in {args.pope_images} ",
+                                   f" is not in --pope-images {args.pope_images} ")
         test_images |= {q["image"] for q in questions}
     overlap = sorted(test_images & set(image_names_in(args.images)))
     if overlap:  # SEED would train on the very photos POPE tests on
-        return (f"--images {args.images}: {len(overlap)} of its files are POPE test images ({overlap[0]}, ...): "
-                f"SEED would train on the test set; take them out of --images")
+        return (f"--images {args.images}: {len(overlap)} of its files are POPE test images "
+                f"({overlap[0]}, ...): SEED would train on the test set; take them out of --images")
     return None
 
 
 def run_fingerprint(config):
-    """The run's content settings in 16 hex digits: what its answers files record (run.json has them all)."""
+    """The run's content settings in 16 hex digits: what its answers files record (run.json has them
+    all)."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(content_settings(config), sort_keys=True).encode()).hexdigest()[:16]
+    settings = json.dumps(content_settings(config), sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
 def start_run(config):
-    """--out for this run: an earlier run in it removed (--overwrite, said aloud; check_config refused it
-    otherwise), and run.json written with the settings a --resume must match."""
+    """--out for this run: an earlier run in it removed (--overwrite, said aloud; check_config
+    refused it otherwise), and run.json written with the settings a --resume must match."""
     if config.overwrite:
         earlier = [n for n in EARLIER_RUN if os.path.exists(os.path.join(config.out, n))]
         if earlier:
@@ -241,28 +274,32 @@ def start_run(config):
             path = os.path.join(config.out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.makedirs(config.out, exist_ok=True)
-    runs.write_json(os.path.join(config.out, "run.json"), {"settings": content_settings(config)}, indent=1)
+    runs.write_json(os.path.join(config.out, "run.json"), {"settings": content_settings(config)},
+                    indent=1)
 
 
 def readable_images(config, say=print):
-    """The --images files, each checked readable before the first forward pass: an unreadable one stops
-    the run in one line naming it (or, with --skip-unreadable, is left out and counted)."""
+    """The --images files, each checked readable before the first forward pass: an unreadable one
+    stops the run in one line naming it (or, with --skip-unreadable, is left out and counted)."""
     paths = [os.path.join(config.images, n) for n in image_names_in(config.images)]
     bad = eval_pope.unreadable_images(paths, progress=config.progress, desc="checking --images")
     if bad and not config.skip_unreadable:  # exit status 2, as for the other refusals
-        print(f"train.py: error: --images: cannot read {bad[0][0]} ({bad[0][1]}); {len(bad)} of {len(paths)} files "
-              f"unreadable: remove them, or --skip-unreadable to leave them out", file=sys.stderr)
+        print(f"train.py: error: --images: cannot read {bad[0][0]} ({bad[0][1]}); {len(bad)} of "
+              f"{len(paths)} files unreadable: remove them, or --skip-unreadable to leave them "
+              f"out", file=sys.stderr)
         raise SystemExit(2)
     if bad:
-        say(f"--skip-unreadable: left out {len(bad)} of {len(paths)} --images files ({bad[0][0]}, ...)")
+        say(f"--skip-unreadable: left out {len(bad)} of {len(paths)} --images files ({bad[0][0]}, "
+            f"...)")
         paths = [p for p in paths if p not in {b for b, _ in bad}]
     return paths
 
 
 @dataclass
 class RunData:
-    """What a run evaluates and trains on: the base checkpoint, POPE's files and images, the unlabeled
-    images, the names the probes ask about and the description prompt; the toy world's own too."""
+    """What a run evaluates and trains on: the base checkpoint, POPE's files and images, the
+    unlabeled images, the names the probes ask about and the description prompt; the toy world's own
+    too."""
     model_path: str
     pope_files: dict
     image_dir: str
@@ -275,21 +312,28 @@ class RunData:
 
 
 def run_data(config, unlabeled):
-    """The toy world's data (its base model built or loaded, under torchrun by process 0 first), or, for
-    --model, the folders the flags name with `unlabeled` the --images files already checked readable."""
+    """The toy world's data (its base model built or loaded, under torchrun by process 0 first), or,
+    for --model, the folders the flags name with `unlabeled` the --images files already checked
+    readable."""
     if config.model is not None:
-        object_names = (open(config.objects).read().split("\n") if config.objects else list(eval_pope.COCO_OBJECTS))
+        object_names = (open(config.objects).read().split("\n") if config.objects
+                        else list(eval_pope.COCO_OBJECTS))
         return RunData(config.model, pope_files_in(config.pope), config.pope_images, unlabeled,
-                       [n.strip() for n in object_names if n.strip()], "Describe this image in detail.")
+                       [n.strip() for n in object_names if n.strip()],
+                       "Describe this image in detail.")
     import toyworld
 
     world_config = toyworld.WorldConfig(world_seed=config.world_seed, steps=config.pretrain_steps)
     if not distributed.is_main():
-        distributed.barrier()  # process 0 builds the cache first (pretraining, if the world needs it)
-    model_path, world = toyworld.build(world_config, progress=config.progress, shipped=config.shipped_base)
-    pope_files, image_dir, objects_by_image = toyworld.eval_set(config.eval_images, world, world_config)
+        # process 0 builds the cache first (pretraining, if the world needs it)
+        distributed.barrier()
+    model_path, world = toyworld.build(world_config, progress=config.progress,
+                                       shipped=config.shipped_base)
+    pope_files, image_dir, objects_by_image = toyworld.eval_set(config.eval_images, world,
+                                                                world_config)
     if distributed.is_main():
         distributed.barrier()
-    unlabeled = toyworld.unlabeled_images(world, config.unlabeled, seed=config.seed + 20_000, config=world_config)
-    return RunData(model_path, pope_files, image_dir, unlabeled, list(world["names"]), toyworld.DESCRIBE, world,
-                   world_config, objects_by_image)
+    unlabeled = toyworld.unlabeled_images(world, config.unlabeled, seed=config.seed + 20_000,
+                                          config=world_config)
+    return RunData(model_path, pope_files, image_dir, unlabeled, list(world["names"]),
+                   toyworld.DESCRIBE, world, world_config, objects_by_image)

@@ -2,11 +2,11 @@
 
 Paper: "Identify, Isolate, and Purge: Mitigating Hallucinations in LVLMs via Self-Evolving
 Distillation" (SEED), arXiv 2507.04680, reports LLaVA-1.5 and InternVL2. InternVL2's hub folders
-(OpenGVLab/InternVL2-1B, -2B, -8B, -26B) ship as remote code (`InternVLChatModel`), which this project
-never runs. This script reads such a folder's files only (config.json, the safetensors weights, the
-tokenizer files), executes none of its Python, downloads nothing, and writes a folder of
-`InternVLForConditionalGeneration` with its processor, which `train.py --model` and `eval_pope.py`
-take as they take any transformers checkpoint:
+(OpenGVLab/InternVL2-1B, -2B, -8B, -26B) ship as remote code (`InternVLChatModel`), which this
+project never runs. This script reads such a folder's files only (config.json, the safetensors
+weights, the tokenizer files), executes none of its Python, downloads nothing, and writes a folder
+of `InternVLForConditionalGeneration` with its processor, which `train.py --model` and
+`eval_pope.py` take as they take any transformers checkpoint:
 
     python convert_internvl2.py InternVL2-2B/ InternVL2-2B-hf/
 
@@ -33,15 +33,18 @@ import sys
 
 import runs
 
-# InternVL2's image tokens (its modeling_internvl_chat.py constants, also in its tokenizer_config.json)
+# InternVL2's image tokens (its modeling_internvl_chat.py constants, also in its
+# tokenizer_config.json)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 # Its preprocessing (build_transform): ImageNet's mean and std, bicubic resizing
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-# Its conversation templates: name -> (system template, system message, user role, assistant role, separator).
-# internlm2-chat (2B, 8B, 26B) and Hermes-2 (1B) render the same prompt (SeparatorStyle.MPT).
+# Its conversation templates: name -> (system template, system message, user role, assistant role,
+# separator). internlm2-chat (2B, 8B, 26B) and Hermes-2 (1B) render the same prompt
+# (SeparatorStyle.MPT).
 SYSTEM_MESSAGE = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 TEMPLATES = {name: ("<|im_start|>system\n{system_message}", SYSTEM_MESSAGE, "<|im_start|>user\n",
-                    "<|im_start|>assistant\n", "<|im_end|>") for name in ("internlm2-chat", "Hermes-2")}
+                    "<|im_start|>assistant\n", "<|im_end|>")
+             for name in ("internlm2-chat", "Hermes-2")}
 LANGUAGE_MODELS = {"InternLM2ForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 
 
@@ -53,13 +56,15 @@ class Refused(ValueError):
 # Weights
 
 def split_wqkv(wqkv, num_heads, num_kv_heads, head_dim):
-    """InternLM2's fused attention input, (num_kv_heads * (q_per_kv + 2) * head_dim, hidden) with rows
-    grouped per key-value head as [q_per_kv query heads, 1 key head, 1 value head], into Llama's q, k, v.
-    Query head g * q_per_kv + j (j-th of group g) attends with key-value head g, as Llama's GQA reads it."""
+    """InternLM2's fused attention input, (num_kv_heads * (q_per_kv + 2) * head_dim, hidden) with
+    rows grouped per key-value head as [q_per_kv query heads, 1 key head, 1 value head], into
+    Llama's q, k, v. Query head g * q_per_kv + j (j-th of group g) attends with key-value head g, as
+    Llama's GQA reads it."""
     q_per_kv = num_heads // num_kv_heads
     grouped = wqkv.reshape(num_kv_heads, q_per_kv + 2, head_dim, wqkv.shape[-1])
     q = grouped[:, :q_per_kv].reshape(num_heads * head_dim, -1)
-    return q, grouped[:, -2].reshape(num_kv_heads * head_dim, -1), grouped[:, -1].reshape(num_kv_heads * head_dim, -1)
+    return q, grouped[:, -2].reshape(num_kv_heads * head_dim,
+                                     -1), grouped[:, -1].reshape(num_kv_heads * head_dim, -1)
 
 
 VISION_NAMES = {"attn.proj": "attention.projection_layer", "attn.q_norm": "attention.q_norm",
@@ -84,9 +89,11 @@ def native_tensors(key, tensor, llm):
     if key.startswith(vision + "encoder.layers."):
         index, name = key[len(vision + "encoder.layers."):].split(".", 1)
         layer = f"{tower}encoder.layer.{index}."
-        if name in ("attn.qkv.weight", "attn.qkv.bias"):  # rows [q; k; v], each hidden wide (InternAttention)
+        # rows [q; k; v], each hidden wide (InternAttention)
+        if name in ("attn.qkv.weight", "attn.qkv.bias"):
             suffix = name.rsplit(".", 1)[1]
-            return [(f"{layer}attention.{p}_proj.{suffix}", part) for p, part in zip("qkv", tensor.chunk(3, dim=0))]
+            return [(f"{layer}attention.{p}_proj.{suffix}", part)
+                    for p, part in zip("qkv", tensor.chunk(3, dim=0))]
         if name in ("ls1", "ls2"):
             return [(layer + {"ls1": "lambda_1", "ls2": "lambda_2"}[name], tensor)]
         module, suffix = name.rsplit(".", 1)
@@ -96,7 +103,8 @@ def native_tensors(key, tensor, llm):
         module, suffix = key.rsplit(".", 1)
         if module in PROJECTOR_NAMES:
             return [(f"model.multi_modal_projector.{PROJECTOR_NAMES[module]}.{suffix}", tensor)]
-    if llm["architectures"][0] == "Qwen2ForCausalLM":  # already transformers' Qwen2: the prefix only
+    # already transformers' Qwen2: the prefix only
+    if llm["architectures"][0] == "Qwen2ForCausalLM":
         if key == "language_model.lm_head.weight":
             return [("lm_head.weight", tensor)]
         if key.startswith("language_model.model."):
@@ -115,7 +123,8 @@ def native_tensors(key, tensor, llm):
             if name == "attention.wqkv.weight":
                 heads, kv_heads = llm["num_attention_heads"], llm["num_key_value_heads"]
                 q, k, v = split_wqkv(tensor, heads, kv_heads, llm["hidden_size"] // heads)
-                return [(layer + "self_attn.q_proj.weight", q), (layer + "self_attn.k_proj.weight", k),
+                return [(layer + "self_attn.q_proj.weight", q),
+                        (layer + "self_attn.k_proj.weight", k),
                         (layer + "self_attn.v_proj.weight", v)]
             module, suffix = name.rsplit(".", 1)
             if module in INTERNLM2_NAMES:
@@ -124,19 +133,22 @@ def native_tensors(key, tensor, llm):
 
 
 def checkpoint_shards(src):
-    """The folder's safetensors files, from model.safetensors.index.json or a single model.safetensors."""
+    """The folder's safetensors files, from model.safetensors.index.json or a single
+    model.safetensors."""
     index = os.path.join(src, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
             return sorted(set(json.load(f)["weight_map"].values()))
     if os.path.isfile(os.path.join(src, "model.safetensors")):
         return ["model.safetensors"]
-    raise Refused(f"{src}: no model.safetensors(.index.json): InternVL2's hub folders ship safetensors weights")
+    raise Refused(f"{src}: no model.safetensors(.index.json): InternVL2's hub folders ship "
+                  f"safetensors weights")
 
 
 def convert_weights(src, dst, llm, shard_bytes=4 << 30):
     """Every tensor renamed and split (native_tensors), written as safetensors shards of at most
-    shard_bytes with an index, one source tensor in memory at a time beyond the shard being filled."""
+    shard_bytes with an index, one source tensor in memory at a time beyond the shard being
+    filled."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -160,11 +172,13 @@ def convert_weights(src, dst, llm, shard_bytes=4 << 30):
     if current:
         flush()
     total = len(shards)
-    renamed = {name: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, name in enumerate(shards)}
+    renamed = {name: f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+               for i, name in enumerate(shards)}
     for old, new in renamed.items():
         os.replace(os.path.join(dst, old), os.path.join(dst, new))
     with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())}}, f, indent=2)
+        json.dump({"metadata": {}, "weight_map": {k: renamed[v] for k, v in sorted(
+            weight_map.items())}}, f, indent=2)
     return sorted(weight_map)
 
 
@@ -174,17 +188,22 @@ def convert_weights(src, dst, llm, shard_bytes=4 << 30):
 def vision_settings(vision, image_size):
     """InternViT's vision_config as InternVLVisionConfig's fields."""
     return dict(hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
-                num_hidden_layers=vision["num_hidden_layers"], num_attention_heads=vision["num_attention_heads"],
-                attention_bias=vision.get("qkv_bias", True), use_qk_norm=vision.get("qk_normalization", False),
-                norm_type=vision.get("norm_type", "rms_norm"), layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
-                hidden_act=vision.get("hidden_act", "gelu"), num_channels=vision.get("num_channels", 3),
-                image_size=[image_size, image_size], patch_size=[vision["patch_size"]] * 2,
-                attention_dropout=0.0, projection_dropout=0.0, hidden_dropout_prob=0.0)
+                num_hidden_layers=vision["num_hidden_layers"],
+                num_attention_heads=vision["num_attention_heads"],
+                attention_bias=vision.get("qkv_bias", True),
+                use_qk_norm=vision.get("qk_normalization", False),
+                norm_type=vision.get("norm_type", "rms_norm"),
+                layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
+                hidden_act=vision.get("hidden_act", "gelu"),
+                num_channels=vision.get("num_channels", 3), image_size=[image_size, image_size],
+                patch_size=[vision["patch_size"]] * 2, attention_dropout=0.0,
+                projection_dropout=0.0, hidden_dropout_prob=0.0)
 
 
 def rope_settings(llm):
-    """InternLM2's rope_theta and rope_scaling ({"type": "dynamic" | "linear", "factor"}) as rope_parameters:
-    transformers' dynamic NTK and linear scaling compute the frequencies as InternLM2's do."""
+    """InternLM2's rope_theta and rope_scaling ({"type": "dynamic" | "linear", "factor"}) as
+    rope_parameters: transformers' dynamic NTK and linear scaling compute the frequencies as
+    InternLM2's do."""
     rope = {"rope_type": "default", "rope_theta": float(llm.get("rope_theta", 10000.0))}
     scaling = llm.get("rope_scaling")
     if scaling:
@@ -198,45 +217,58 @@ def rope_settings(llm):
 def text_settings(llm):
     """The language model's config: InternLM2's fields as a Llama config's, Qwen2's as they are."""
     if llm["architectures"][0] == "Qwen2ForCausalLM":
-        return {k: v for k, v in llm.items() if k not in ("architectures", "auto_map", "_name_or_path",
-                                                          "attn_implementation", "torch_dtype")}
+        return {k: v for k, v in llm.items()
+                if k not in ("architectures", "auto_map", "_name_or_path", "attn_implementation",
+                             "torch_dtype")}
     if llm.get("bias", False):
-        raise Refused("an InternLM2 with bias=true: InternVL2's InternLM2 models have none, and this script "
-                      "maps none")
+        raise Refused("an InternLM2 with bias=true: InternVL2's InternLM2 models have none, and "
+                      "this script maps none")
     return dict(model_type="llama", vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"],
-                intermediate_size=llm["intermediate_size"], num_hidden_layers=llm["num_hidden_layers"],
-                num_attention_heads=llm["num_attention_heads"], num_key_value_heads=llm["num_key_value_heads"],
-                head_dim=llm["hidden_size"] // llm["num_attention_heads"], hidden_act=llm.get("hidden_act", "silu"),
-                rms_norm_eps=llm.get("rms_norm_eps", 1e-6), max_position_embeddings=llm["max_position_embeddings"],
-                rope_parameters=rope_settings(llm), tie_word_embeddings=llm.get("tie_word_embeddings", False),
-                attention_bias=False, mlp_bias=False, bos_token_id=llm.get("bos_token_id", 1),
+                intermediate_size=llm["intermediate_size"],
+                num_hidden_layers=llm["num_hidden_layers"],
+                num_attention_heads=llm["num_attention_heads"],
+                num_key_value_heads=llm["num_key_value_heads"],
+                head_dim=llm["hidden_size"] // llm["num_attention_heads"],
+                hidden_act=llm.get("hidden_act", "silu"),
+                rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
+                max_position_embeddings=llm["max_position_embeddings"],
+                rope_parameters=rope_settings(llm),
+                tie_word_embeddings=llm.get("tie_word_embeddings", False), attention_bias=False,
+                mlp_bias=False, bos_token_id=llm.get("bos_token_id", 1),
                 eos_token_id=llm.get("eos_token_id", 2), pad_token_id=llm.get("pad_token_id", 2))
 
 
 def check_supported(config):
-    """One line on the first thing of `config` (InternVL2's config.json) this script does not convert."""
+    """One line on the first thing of `config` (InternVL2's config.json) this script does not
+    convert."""
     llm, vision = config.get("llm_config", {}), config.get("vision_config", {})
     architecture = (llm.get("architectures") or ["?"])[0]
     if config.get("model_type") != "internvl_chat":
         return f"model_type {config.get('model_type')!r}, not InternVL2's 'internvl_chat'"
     if architecture == "Phi3ForCausalLM":
-        return "Phi3ForCausalLM (InternVL2-4B): its Llama-style sentencepiece tokenizer and phi3-chat template are " \
-               "not converted or tested here; convert the 1B, 2B, 8B or 26B"
+        return ("Phi3ForCausalLM (InternVL2-4B): its Llama-style sentencepiece tokenizer and "
+                "phi3-chat template are not converted or tested here; convert the 1B, 2B, 8B or 26B")
     if architecture not in LANGUAGE_MODELS:
         return f"language model {architecture}: this script converts {', '.join(LANGUAGE_MODELS)}"
     if config.get("template") not in TEMPLATES:
-        return f"conversation template {config.get('template')!r}: this script knows {', '.join(TEMPLATES)}"
+        return (f"conversation template {config.get('template')!r}: this script knows "
+                f"{', '.join(TEMPLATES)}")
     if config.get("ps_version", "v1") != "v2":
-        return f"ps_version {config.get('ps_version', 'v1')!r}: the native pixel shuffle is InternVL2's 'v2' only"
+        return (f"ps_version {config.get('ps_version', 'v1')!r}: the native pixel shuffle is "
+                "InternVL2's 'v2' only")
     if config.get("select_layer", -1) != -1:
-        return f"select_layer {config['select_layer']}: converted for the last vision layer (-1) only"
+        return (f"select_layer {config['select_layer']}: converted for the last vision layer (-1) "
+                "only")
     if config.get("use_thumbnail", True) is not True and config.get("dynamic_image_size", True):
-        return "use_thumbnail false: the native image processor always adds the thumbnail to tiled images"
+        return ("use_thumbnail false: the native image processor always adds the thumbnail to "
+                "tiled images")
     image_size = config.get("force_image_size") or vision.get("image_size")
     if image_size != vision.get("image_size"):
-        return f"force_image_size {image_size} differs from the vision tower's {vision.get('image_size')}"
+        return (f"force_image_size {image_size} differs from the vision tower's "
+                f"{vision.get('image_size')}")
     if config.get("downsample_ratio") != 0.5:
-        return f"downsample_ratio {config.get('downsample_ratio')}: InternVL2 and the native class use 0.5"
+        return (f"downsample_ratio {config.get('downsample_ratio')}: InternVL2 and the native "
+                "class use 0.5")
     return None
 
 
@@ -277,13 +309,15 @@ def protobuf_fields(data):
 
 
 def read_sentencepiece(path):
-    """sentencepiece's ModelProto: pieces [(piece, score, type)] (type 1 normal, 2 unknown, 3 control,
-    4 user-defined, 5 unused, 6 byte), the trainer's model type (2: BPE) and byte fallback, and the
-    normaliser's name, precompiled character map, add_dummy_prefix and remove_extra_whitespaces."""
+    """sentencepiece's ModelProto: pieces [(piece, score, type)] (type 1 normal, 2 unknown, 3
+    control, 4 user-defined, 5 unused, 6 byte), the trainer's model type (2: BPE) and byte fallback,
+    and the normaliser's name, precompiled character map, add_dummy_prefix and
+    remove_extra_whitespaces."""
     with open(path, "rb") as f:
         data = f.read()
     pieces, trainer = [], {"model_type": 1, "byte_fallback": False}
-    normalizer = {"name": "", "charsmap": b"", "add_dummy_prefix": True, "remove_extra_whitespaces": True}
+    normalizer = {"name": "", "charsmap": b"", "add_dummy_prefix": True,
+                  "remove_extra_whitespaces": True}
     for number, _, value in protobuf_fields(data):
         if number == 1:  # SentencePiece {piece = 1, score = 2, type = 3}
             piece = {"piece": "", "score": 0.0, "type": 1}
@@ -301,7 +335,8 @@ def read_sentencepiece(path):
                     trainer["model_type"] = v
                 elif field == 35:
                     trainer["byte_fallback"] = bool(v)
-        elif number == 3:  # NormalizerSpec {name = 1, precompiled_charsmap = 2, add_dummy_prefix = 3, ... = 4}
+        # NormalizerSpec {name = 1, precompiled_charsmap = 2, add_dummy_prefix = 3, ... = 4}
+        elif number == 3:
             for field, _, v in protobuf_fields(value):
                 if field == 1:
                     normalizer["name"] = v.decode("utf-8")
@@ -315,16 +350,17 @@ def read_sentencepiece(path):
 
 
 def sentencepiece_tokenizer(path, added_tokens, add_bos):
-    """A `tokenizers` Tokenizer that splits text as sentencepiece's BPE model at `path` does, the way
-    a transformers slow tokenizer calls it: the added tokens ({id: (content, special)}) cut out first,
-    each piece of text between them normalised and encoded on its own (so each gets the dummy prefix
-    when the model adds one), <s> in front when add_bos."""
+    """A `tokenizers` Tokenizer that splits text as sentencepiece's BPE model at `path` does, the
+    way a transformers slow tokenizer calls it: the added tokens ({id: (content, special)}) cut out
+    first, each piece of text between them normalised and encoded on its own (so each gets the dummy
+    prefix when the model adds one), <s> in front when add_bos."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
     from transformers.convert_slow_tokenizer import generate_merges
 
     pieces, trainer, spec = read_sentencepiece(path)
     if trainer["model_type"] != 2:
-        raise Refused(f"{path}: a sentencepiece model of type {trainer['model_type']}, not BPE (2), as InternLM2's is")
+        raise Refused(f"{path}: a sentencepiece model of type {trainer['model_type']}, not BPE "
+                      f"(2), as InternLM2's is")
     vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
     unk = next(piece for piece, _, kind in pieces if kind == 2)
     # sentencepiece merges the pair whose merged piece scores highest: pieces are stored best first
@@ -336,37 +372,46 @@ def sentencepiece_tokenizer(path, added_tokens, add_bos):
     if spec["charsmap"]:
         steps.append(normalizers.Precompiled(spec["charsmap"]))
     if spec["remove_extra_whitespaces"]:
-        # sentencepiece's whitespace rule: runs of spaces to one, none at either end (\A, \z: the text's
-        # ends; ^ and $ would also match at each newline)
-        steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex(r"\A | \z"), "")]
+        # sentencepiece's whitespace rule: runs of spaces to one, none at either end (\A, \z: the
+        # text's ends; ^ and $ would also match at each newline)
+        steps += [normalizers.Replace(Regex(" {2,}"), " "),
+                  normalizers.Replace(Regex(r"\A | \z"), "")]
     if spec["add_dummy_prefix"]:
         steps.append(normalizers.Prepend(" "))
     steps.append(normalizers.Replace(" ", "▁"))
     tokenizer.normalizer = normalizers.Sequence(steps)
     decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tokenizer.decoder = decoders.Sequence(decode + ([decoders.Strip(" ", 1, 0)] if spec["add_dummy_prefix"] else []))
-    # control and user-defined pieces are never split by sentencepiece; then the folder's added tokens
-    in_model = {i: (piece, kind == 3) for i, (piece, _, kind) in enumerate(pieces) if kind in (3, 4)}
+    tokenizer.decoder = decoders.Sequence(
+        decode + ([decoders.Strip(" ", 1, 0)] if spec["add_dummy_prefix"] else []))
+    # control and user-defined pieces are never split by sentencepiece; then the folder's added
+    # tokens
+    in_model = {i: (piece, kind == 3) for i, (piece, _, kind) in enumerate(pieces)
+                if kind in (3, 4)}
     for i, (content, special) in sorted({**in_model, **added_tokens}.items()):
         if i < len(pieces) and pieces[i][0] != content:
             raise Refused(f"added token {i} {content!r} is {pieces[i][0]!r} in {path}")
         if i >= tokenizer.get_vocab_size(with_added_tokens=True) + 1:
-            raise Refused(f"added token {i} {content!r} leaves a gap after the vocabulary of {path}")
+            raise Refused(
+                f"added token {i} {content!r} leaves a gap after the vocabulary of {path}")
         token = AddedToken(content, special=special, normalized=False)
         (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([token])
         if tokenizer.token_to_id(content) != i:
-            raise Refused(f"added token {content!r} would get id {tokenizer.token_to_id(content)}, not {i}")
+            raise Refused(
+                f"added token {content!r} would get id {tokenizer.token_to_id(content)}, not {i}")
     if add_bos:
         if "<s>" not in vocab:
-            raise Refused(f"{path}: no <s> piece, which InternLM2's tokenizer puts before every text")
-        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                                 special_tokens=[("<s>", vocab["<s>"])])
+            raise Refused(
+                f"{path}: no <s> piece, which InternLM2's tokenizer puts before every text")
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                 pair="<s> $A <s> $B",
+                                                                 special_tokens=[("<s>",
+                                                                                  vocab["<s>"])])
     return tokenizer
 
 
 def read_added_tokens(src):
-    """{id: (content, special)} of the folder's tokenizer_config.json added_tokens_decoder (InternVL2's
-    image tokens among them), and the config itself."""
+    """{id: (content, special)} of the folder's tokenizer_config.json added_tokens_decoder
+    (InternVL2's image tokens among them), and the config itself."""
     path = os.path.join(src, "tokenizer_config.json")
     with open(path) as f:
         config = json.load(f)
@@ -375,9 +420,9 @@ def read_added_tokens(src):
 
 
 def converted_tokenizer(src, llm, template):
-    """The transformers tokenizer of the converted folder: InternLM2's tokenizer.model rebuilt without its
-    remote code, or the 1B's Qwen2 tokenizer as it is, both naming InternVL's image tokens and ending a
-    turn at the template's separator."""
+    """The transformers tokenizer of the converted folder: InternLM2's tokenizer.model rebuilt
+    without its remote code, or the 1B's Qwen2 tokenizer as it is, both naming InternVL's image
+    tokens and ending a turn at the template's separator."""
     import transformers
     from transformers import PreTrainedTokenizerFast
 
@@ -385,38 +430,47 @@ def converted_tokenizer(src, llm, template):
     names = {content for content, _ in added.values()}
     missing = [t for t in (IMG_START, IMG_END, IMG_CONTEXT, template[-1]) if t not in names]
     if missing:
-        raise Refused(f"{src}/tokenizer_config.json: no added token {missing[0]!r}, which InternVL2's folders list")
-    image_tokens = {"start_image_token": IMG_START, "end_image_token": IMG_END, "context_image_token": IMG_CONTEXT,
-                    "video_token": "<video>"}  # InternVL2 has no video token: a name only, never in the vocabulary
+        raise Refused(f"{src}/tokenizer_config.json: no added token {missing[0]!r}, which "
+                      f"InternVL2's folders list")
+    image_tokens = {"start_image_token": IMG_START, "end_image_token": IMG_END,
+                    "context_image_token": IMG_CONTEXT,
+                    # InternVL2 has no video token: a name only, never in the vocabulary
+                    "video_token": "<video>"}
     if llm["architectures"][0] == "Qwen2ForCausalLM":
         name = settings.get("tokenizer_class")
         if name not in ("Qwen2Tokenizer", "Qwen2TokenizerFast"):
-            raise Refused(f"{src}/tokenizer_config.json: tokenizer_class {name!r}, not the 1B's Qwen2Tokenizer")
-        tokenizer = transformers.Qwen2Tokenizer.from_pretrained(src, extra_special_tokens=image_tokens)
+            raise Refused(f"{src}/tokenizer_config.json: tokenizer_class {name!r}, not the 1B's "
+                          f"Qwen2Tokenizer")
+        tokenizer = transformers.Qwen2Tokenizer.from_pretrained(src,
+                                                                extra_special_tokens=image_tokens)
         tokenizer.eos_token = template[-1]
         return tokenizer
     model_file = os.path.join(src, "tokenizer.model")
     if not os.path.isfile(model_file):
         raise Refused(f"{src}: no tokenizer.model, InternLM2's sentencepiece model")
-    backend = sentencepiece_tokenizer(model_file, added, add_bos=settings.get("add_bos_token", True))
+    backend = sentencepiece_tokenizer(model_file, added,
+                                      add_bos=settings.get("add_bos_token", True))
 
-    def token(name, default):  # tokenizer_config.json writes a token as its text or as {"content": text, ...}
+    # tokenizer_config.json writes a token as its text or as {"content": text, ...}
+    def token(name, default):
         value = settings.get(name, default)
         return value.get("content") if isinstance(value, dict) else value
 
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=token("bos_token", "<s>"),
                                    eos_token=template[-1], unk_token=token("unk_token", "<unk>"),
-                                   pad_token=token("pad_token", "</s>"), extra_special_tokens=image_tokens,
+                                   pad_token=token("pad_token", "</s>"),
+                                   extra_special_tokens=image_tokens,
                                    add_bos_token=settings.get("add_bos_token", True),
                                    clean_up_tokenization_spaces=False,
-                                   model_max_length=settings.get("model_max_length", llm["max_position_embeddings"]))
+                                   model_max_length=settings.get("model_max_length",
+                                                                 llm["max_position_embeddings"]))
 
 
 def chat_template(template):
-    """InternVL2's conversation (SeparatorStyle.MPT) as a jinja chat template: system prompt + separator,
-    then each turn as role + message + separator, and the assistant's role to generate after. An image
-    is `<image>\\n` before the question, as InternVL2's chat() writes it; here the processor's
-    <IMG_CONTEXT>, which it expands to <img>, 256 <IMG_CONTEXT> per tile, </img>."""
+    """InternVL2's conversation (SeparatorStyle.MPT) as a jinja chat template: system prompt +
+    separator, then each turn as role + message + separator, and the assistant's role to generate
+    after. An image is `<image>\\n` before the question, as InternVL2's chat() writes it; here the
+    processor's <IMG_CONTEXT>, which it expands to <img>, 256 <IMG_CONTEXT> per tile, </img>."""
     system_template, system_message, user, assistant, sep = template
     head, tail = system_template.split("{system_message}")
     say = lambda s: json.dumps(s, ensure_ascii=False)
@@ -431,27 +485,31 @@ def chat_template(template):
         "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
         "{%- for item in message['content'] -%}"
         "{%- if item['type'] == 'image' -%}{{- " + say(IMG_CONTEXT + "\n") + " -}}"
-        "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}{%- endfor -%}{%- endif -%}"
-        "{{- " + say(sep) + " -}}{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- " + say(assistant) + " -}}{%- endif -%}")
+        "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}{%- endfor -%}{%- "
+        "endif -%}{{- " + say(sep) + " -}}{%- endfor -%}{%- if add_generation_prompt -%}{{- "
+        "" + say(assistant) + " -}}{%- endif -%}")
 
 
 def image_settings(config, image_size):
-    """InternVL2's dynamic tiling (dynamic_preprocess: tiles of image_size, min_dynamic_patch..max_dynamic_patch
-    of them at the closest aspect ratio, plus a thumbnail) and normalisation, as GotOcr2's image processor's."""
-    return {"image_processor_type": "GotOcr2ImageProcessorFast", "processor_class": "InternVLProcessor",
+    """InternVL2's dynamic tiling (dynamic_preprocess: tiles of image_size,
+    min_dynamic_patch..max_dynamic_patch of them at the closest aspect ratio, plus a thumbnail) and
+    normalisation, as GotOcr2's image processor's."""
+    return {"image_processor_type": "GotOcr2ImageProcessorFast",
+            "processor_class": "InternVLProcessor",
             "crop_to_patches": bool(config.get("dynamic_image_size", True)),
-            "min_patches": config.get("min_dynamic_patch", 1), "max_patches": config.get("max_dynamic_patch", 12),
+            "min_patches": config.get("min_dynamic_patch", 1),
+            "max_patches": config.get("max_dynamic_patch", 12),
             "size": {"height": image_size, "width": image_size}, "resample": 3, "do_resize": True,
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": IMAGENET_MEAN,
-            "image_std": IMAGENET_STD, "do_convert_rgb": True, "default_to_square": True,
-            "data_format": "channels_first"}
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "do_convert_rgb": True,
+            "default_to_square": True, "data_format": "channels_first"}
 
 
 # ---------------------------------------------------------------------------------------------
 
 def convert(src, dst):
-    """Write the native folder for the InternVL2 folder `src` to `dst` (made in dst + '.tmp', then renamed)."""
+    """Write the native folder for the InternVL2 folder `src` to `dst` (made in dst + '.tmp', then
+    renamed)."""
     import transformers
 
     with open(os.path.join(src, "config.json")) as f:
@@ -467,16 +525,19 @@ def convert(src, dst):
     os.makedirs(tmp)
     tokenizer = converted_tokenizer(src, llm, template)
     context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-    tokens_per_tile = int((image_size // vision["patch_size"]) ** 2 * config["downsample_ratio"] ** 2)
+    tokens_per_tile = int(
+        (image_size // vision["patch_size"]) ** 2 * config["downsample_ratio"] ** 2)
     native = transformers.InternVLConfig(
         vision_config=vision_settings(vision, image_size), text_config=text_settings(llm),
-        image_token_id=context_id, image_seq_length=tokens_per_tile, downsample_ratio=config["downsample_ratio"],
-        projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
+        image_token_id=context_id, image_seq_length=tokens_per_tile,
+        downsample_ratio=config["downsample_ratio"], projector_hidden_act="gelu",
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
         tie_word_embeddings=llm.get("tie_word_embeddings", False))
     native.architectures = ["InternVLForConditionalGeneration"]
     native.save_pretrained(tmp)
     stops = [tokenizer.convert_tokens_to_ids(t) for t in (template[-1], "<|im_start|>")]
-    stops += [llm["eos_token_id"]] if isinstance(llm.get("eos_token_id"), int) else []  # InternLM2's </s>
+    # InternLM2's </s>
+    stops += [llm["eos_token_id"]] if isinstance(llm.get("eos_token_id"), int) else []
     transformers.GenerationConfig(eos_token_id=list(dict.fromkeys(stops)),
                                   pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
     written = convert_weights(src, tmp, llm)
@@ -484,9 +545,11 @@ def convert(src, dst):
     with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
         f.write(chat_template(template))
     settings = image_settings(config, image_size)
-    video = {k: v for k, v in settings.items() if k != "image_processor_type"}  # the same settings for frames
+    # the same settings for frames
+    video = {k: v for k, v in settings.items() if k != "image_processor_type"}
     for name, body in (("preprocessor_config.json", settings),
-                       ("video_preprocessor_config.json", {**video, "video_processor_type": "InternVLVideoProcessor"}),
+                       ("video_preprocessor_config.json",
+                        {**video, "video_processor_type": "InternVLVideoProcessor"}),
                        ("processor_config.json", {"image_seq_length": tokens_per_tile,
                                                   "processor_class": "InternVLProcessor"})):
         with open(os.path.join(tmp, name), "w") as f:
@@ -496,10 +559,12 @@ def convert(src, dst):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Reads local files only.",
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0]
+                                     + " Reads local files only.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("src", help="an InternVL2 folder as its hub repository ships it (config.json with "
-                                    "llm_config / vision_config, safetensors, tokenizer files)")
+    parser.add_argument("src",
+                        help="an InternVL2 folder as its hub repository ships it (config.json with "
+                             "llm_config / vision_config, safetensors, tokenizer files)")
     parser.add_argument("dst", help="the folder to write (replaced if it exists)")
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.src, "config.json")):

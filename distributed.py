@@ -1,4 +1,5 @@
-"""Several processes under torchrun: which share of the work is this process's, and the few collectives.
+"""Several processes under torchrun: which share of the work is this process's, and the few
+collectives.
 
 Not from the paper (ours): SEED's cost is decoding (the teacher's two-pass purified answers, POPE)
 and the SEED steps, so under `torchrun --nproc_per_node N train.py` each process decodes its share
@@ -19,12 +20,13 @@ import models
 
 
 def launched_processes():
-    """How many processes torchrun launched (its WORLD_SIZE; 1 without torchrun), known before start()."""
+    """torchrun's WORLD_SIZE (1 without torchrun), known before start()."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def start(timeout_minutes=30):
-    """Join torchrun's process group when launched by torchrun (WORLD_SIZE > 1); returns this process's device.
+    """Join torchrun's process group when launched by torchrun (WORLD_SIZE > 1); returns this
+    process's device.
 
     Each process takes the GPU of its LOCAL_RANK, or the CPU (gloo) when there is none. Without
     torchrun nothing is started and the device is None (the caller's --device decides).
@@ -32,10 +34,12 @@ def start(timeout_minutes=30):
     if launched_processes() <= 1 or dist.is_initialized():
         return None
     cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
+    device = torch.device(
+        f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+    dist.init_process_group("nccl" if cuda else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes),
                             device_id=device if cuda else None)
     return device
 
@@ -64,22 +68,23 @@ def barrier():
         dist.barrier()
 
 
-def share(count, batch_size):
-    """(start, stop) of this process's rows in a chunk of `count` items cut in slices of batch_size:
-    process r takes items [r * batch_size, (r + 1) * batch_size), so the chunks of one process are
-    batches of batch_size, and the chunk is the concatenation of the processes' slices in rank order."""
+def process_slice(count, batch_size):
+    """(start, stop) of this process's items in a chunk of `count`: process r takes
+    [r * batch_size, (r + 1) * batch_size)."""
     start = min(rank() * batch_size, count)
     return start, min(start + batch_size, count)
 
 
 def batch_starts(count, batch_size):
-    """The starts of the batches of `batch_size` out of `count` items that this process takes: every
-    P-th batch, from its rank (all of them in one process). For work whose results are summed."""
+    """This process's batch starts, every P-th batch from its rank, for work whose results are
+    summed."""
     return range(rank() * batch_size, count, batch_size * world_size())
 
 
 def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def gather(items):
@@ -91,7 +96,8 @@ def gather(items):
     if not dist.is_initialized():
         return list(items)
     device = _device()
-    data = torch.frombuffer(bytearray(json.dumps(list(items)).encode()), dtype=torch.uint8).to(device)
+    data = torch.frombuffer(bytearray(json.dumps(list(items)).encode()),
+                            dtype=torch.uint8).to(device)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
     dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.long, device=device))
     longest = max(int(size) for size in sizes)
@@ -131,7 +137,8 @@ def sum_value(value):
 
 
 def process_rows(model, batch, noise_step, generator):
-    """This process's rows of a global batch under torchrun, and their share of its response positions.
+    """This process's rows of a global batch under torchrun, and their share of its response
+    positions.
 
     The distortion is drawn for the whole batch first, with the step's generator, as one process
     draws it, and each process keeps its rows of it (distorted_pixel_values): N processes then see
@@ -140,20 +147,23 @@ def process_rows(model, batch, noise_step, generator):
     positions, so a process's loss times its share, summed over the processes, is the one-process
     loss (and so are the gradients, summed by sum_gradients).
     """
+    if world_size() == 1:
+        return batch, 1.0
     rows = batch["input_ids"].shape[0]
     per_process = -(-rows // world_size())
-    start, stop = share(rows, per_process)
+    start, stop = process_slice(rows, per_process)
     net = models.transformers_model(model)
     pixel_rows = models.pixel_rows_per_question(net, batch["pixel_values"], batch["input_ids"])
     first, last = sum(pixel_rows[:start]), sum(pixel_rows[:stop])
     per_row = batch["response_mask"][:, 1:].sum(-1).tolist()  # response positions of each row
     at, until = sum(per_row[:start]), sum(per_row[:stop])
     per_position = ("teacher_ids", "teacher_logits")
-    mine = {key: value[start:stop] for key, value in batch.items() if key not in ("pixel_values",) + per_position}
+    mine = {key: value[start:stop] for key, value in batch.items() if key not in ("pixel_values",)
+            + per_position}
     mine.update({key: batch[key][at:until] for key in per_position if key in batch})
     mine.update(pixel_values=batch["pixel_values"][first:last])
     if noise_step is not None:
-        mine["distorted_pixel_values"] = models.distort_images(net, batch["pixel_values"], noise_step,
-                                                               generator)[first:last]
+        mine["distorted_pixel_values"] = models.distort_images(net, batch["pixel_values"],
+                                                               noise_step, generator)[first:last]
     positions = batch["response_mask"][:, 1:]
     return mine, float(positions[start:stop].sum() / positions.sum())

@@ -3,12 +3,12 @@
 Paper: SEED (arXiv 2507.04680) reports POPE (Li et al., "Evaluating Object Hallucination in Large
 Vision-Language Models", EMNLP 2023) as its headline metric. Formulas and protocol: METHOD.md 6.
 
-    python eval_pope.py build  --objects map.json --out DIR         # or --coco instances_val2014.json
-    python eval_pope.py answer --model CKPT --questions Q.json --images DIR --out A.jsonl --decoding greedy
+    python eval_pope.py build  --objects map.json --out DIR  # or --coco instances_val2014.json
+    python eval_pope.py answer --model CKPT --questions Q.json --images DIR --out A.jsonl
     python eval_pope.py score  --questions Q.json ... --answers A.jsonl ...
 
 Three decodings, side by side as METHOD.md 6 asks, all through decode.generate: `greedy`;
-`sample` (temperature 1, top-p 1, seeded: the protocol behind the published 81.3); `vcd` /
+`sample` (temperature 1, top-p 1, seeded: the protocol behind the published 81.3); `vcd-sample` /
 `vcd-greedy` (purge.distort + purge.purify at every generated token: two forward passes per
 token, the inference-time rival).
 Sampling noise comes from one generator per question, seeded by (seed, question_id), so the
@@ -41,12 +41,13 @@ SPLITS = ("random", "popular", "adversarial")
 
 # The 80 COCO classes, the objects POPE asks about; train.py probes unlabeled images with them
 COCO_OBJECTS = [name.replace("_", " ") for name in (  # 80 names, some of two words
-    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
-    "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie "
-    "suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard "
-    "tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot "
-    "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
-    "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant "
+    "stop_sign parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe "
+    "backpack umbrella handbag tie suitcase frisbee skis snowboard sports_ball kite baseball_bat "
+    "baseball_glove skateboard surfboard tennis_racket bottle wine_glass cup fork knife spoon bowl "
+    "banana apple sandwich orange broccoli carrot hot_dog pizza donut cake chair couch "
+    "potted_plant bed dining_table toilet tv laptop mouse remote keyboard cell_phone microwave "
+    "oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
     "toothbrush").split()]
 
 def article(name):
@@ -87,12 +88,14 @@ def build_questions(objects_by_image, split, per_image=3, seed=0):
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    positives_rng = random.Random(seed)  # used for positives only, so every split draws the same ones
+    # used for positives only, so every split draws the same ones
+    positives_rng = random.Random(seed)
     negatives_rng = random.Random(f"{seed}/{split}")
     present = {image: list(dict.fromkeys(objects)) for image, objects in objects_by_image.items()}
     frequency = Counter(o for objects in present.values() for o in objects)
     vocabulary = sorted(frequency)
-    co_occurrence = Counter((a, b) for objects in present.values() for a in objects for b in objects if a != b)
+    co_occurrence = Counter((a, b) for objects in present.values() for a in objects for b in objects
+                            if a != b)
     by_popularity = sorted(vocabulary, key=lambda o: (-frequency[o], o))
     records = []
     for image in sorted(present):
@@ -109,7 +112,8 @@ def build_questions(objects_by_image, split, per_image=3, seed=0):
             elif split == "popular":
                 negatives.append(next(o for o in by_popularity if o in candidates))
             else:  # the absent object seen most often beside this positive (then the most frequent)
-                negatives.append(min(candidates, key=lambda o: (-co_occurrence[positive, o], -frequency[o], o)))
+                negatives.append(
+                    min(candidates, key=lambda o: (-co_occurrence[positive, o], -frequency[o], o)))
         for positive, negative in zip(positives, negatives):
             for name, label in ((positive, "yes"), (negative, "no")):
                 records.append({"question_id": len(records) + 1, "image": image,
@@ -145,10 +149,11 @@ def load_questions(path, labelled=False):
         needed = ("question_id", "image", "text") + (("label",) if labelled else ())
         missing = [key for key in needed if key not in record]
         if missing:
-            raise ValueError(f"{path}:{line_number}: question_id {record.get('question_id')} lacks {missing}")
+            raise ValueError(
+                f"{path}:{line_number}: question_id {record.get('question_id')} lacks {missing}")
         if labelled and record["label"] not in ("yes", "no"):
-            raise ValueError(f"{path}:{line_number}: question_id {record['question_id']}: label must be yes or no, "
-                             f"got {record['label']!r}")
+            raise ValueError(f"{path}:{line_number}: question_id {record['question_id']}: label "
+                             f"must be yes or no, got {record['label']!r}")
         record["_line"] = line_number
     refuse_repeated_ids(path, numbered, "a second question with")
     if not numbered:
@@ -158,12 +163,13 @@ def load_questions(path, labelled=False):
 
 def read_answers(path):
     """The answers of a JSON-lines file: each an object with a question_id and a "text", one per
-    question_id; anything else is an error naming the file and the line. The file is never changed."""
+    question_id; anything else is an error naming the file and the line. The file is never
+    changed."""
     numbered = runs.json_lines(path)
     for line_number, record in numbered:
         if "question_id" not in record or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{line_number}: an answer needs a question_id and a \"text\" string, got keys "
-                             f"{sorted(record)}")
+            raise ValueError(f"{path}:{line_number}: an answer needs a question_id and a \"text\" "
+                             f"string, got keys {sorted(record)}")
     refuse_repeated_ids(path, numbered, "a second answer to")
     return [record for _, record in numbered]
 
@@ -173,13 +179,14 @@ def refuse_repeated_ids(path, numbered, what):
     first = {}
     for line_number, record in numbered:
         if record["question_id"] in first:
-            raise ValueError(f"{path}:{line_number}: {what} question_id {record['question_id']} (the first on line "
-                             f"{first[record['question_id']]})")
+            raise ValueError(f"{path}:{line_number}: {what} question_id {record['question_id']} "
+                             f"(the first on line {first[record['question_id']]})")
         first[record["question_id"]] = line_number
 
 
 def fingerprint(path):
-    """The sha256 of a file's bytes (its first 16 hex digits): which question file answers belong to."""
+    """The sha256 of a file's bytes (its first 16 hex digits): which question file answers belong
+    to."""
     import hashlib
 
     with open(path, "rb") as f:
@@ -187,8 +194,8 @@ def fingerprint(path):
 
 
 def unreadable_images(paths, progress=False, desc="checking images"):
-    """[(path, why)] of the images that cannot be read: each is opened and decoded whole (JPEGs at 1/8
-    scale, which still reads every byte, so a truncated file shows), before any forward pass."""
+    """[(path, why)] of the images that cannot be read: each is opened and decoded whole (JPEGs at
+    1/8 scale, which still reads every byte, so a truncated file shows), before any forward pass."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -196,33 +203,40 @@ def unreadable_images(paths, progress=False, desc="checking images"):
     for path in tqdm(paths, desc=desc, disable=not progress):
         try:
             with Image.open(path) as image:
-                image.draft("RGB", (1, 1))  # a JPEG decodes at 1/8 scale: ~10x faster, every byte still read
+                # a JPEG decodes at 1/8 scale: ~10x faster, every byte still read
+                image.draft("RGB", (1, 1))
                 image.load()
-        except (OSError, ValueError, SyntaxError) as error:  # PIL raises SyntaxError on some broken headers
+        # PIL raises SyntaxError on some broken headers
+        except (OSError, ValueError, SyntaxError) as error:
             bad.append((path, str(error)))
     return bad
 
 
 def image_problem(questions, question_file, image_dir, progress=False):
-    """The first question whose image is missing or unreadable, as one sentence naming its line; None if all read."""
+    """The first question whose image is missing or unreadable, as one sentence naming its line;
+    None if all read."""
     if not os.path.isdir(image_dir):
-        return f"{image_dir}: not a folder" if os.path.exists(image_dir) else f"{image_dir}: no such folder"
+        return f"{image_dir}: not a folder" if os.path.exists(
+            image_dir) else f"{image_dir}: no such folder"
     first = {}
     for q in questions:
         first.setdefault(q["image"], q)
     absent = [q for name, q in first.items() if not os.path.isfile(os.path.join(image_dir, name))]
     if absent:
-        return (f"{question_file}:{absent[0]['_line']}: image {absent[0]['image']} is not in {image_dir} "
-                f"({len(absent)} of the file's images are missing)")
-    bad = unreadable_images([os.path.join(image_dir, name) for name in first], progress, desc="checking POPE images")
+        return (f"{question_file}:{absent[0]['_line']}: image {absent[0]['image']} is not in "
+                f"{image_dir} ({len(absent)} of the file's images are missing)")
+    bad = unreadable_images([os.path.join(image_dir, name) for name in first], progress,
+                            desc="checking POPE images")
     if bad:
         q = first[os.path.basename(bad[0][0])]
-        return f"{question_file}:{q['_line']}: cannot read image {bad[0][0]} ({bad[0][1]}; {len(bad)} unreadable)"
+        return (f"{question_file}:{q['_line']}: cannot read image {bad[0][0]} ({bad[0][1]}; "
+                f"{len(bad)} unreadable)")
     return None
 
 
 def out_of_range(flag, value, low=None, high=None, above=False, below=False):
-    """'flag must be ...' when a number is not finite or out of [low, high] (above / below: strictly), else None."""
+    """'flag must be ...' when a number is not finite or out of [low, high] (above / below:
+    strictly), else None."""
     if value != value or value in (float("inf"), float("-inf")):
         return f"{flag} must be a finite number, got {value}"
     if low is not None and (value <= low if above else value < low):
@@ -233,41 +247,46 @@ def out_of_range(flag, value, low=None, high=None, above=False, below=False):
 
 
 def output_problem(flag, path, folder):
-    """Why `path` cannot be written as an output folder (folder=True) or file, as one sentence; else None."""
+    """Why `path` cannot be written as an output folder (folder=True) or file, as one sentence; else
+    None."""
     if os.path.exists(path):
         if folder != os.path.isdir(path):
-            return f"{flag} {path}: " + ("a file, not a folder" if folder else "a folder, not a file")
+            return f"{flag} {path}: " + ("a file, not a folder" if folder
+                                         else "a folder, not a file")
         return None if os.access(path, os.W_OK) else f"{flag} {path}: not writable"
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"{flag} {path}: cannot be made, {parent} is a file"
-    return None if os.access(parent, os.W_OK) else f"{flag} {path}: cannot be made, {parent} is not writable"
+    return None if os.access(
+        parent, os.W_OK) else f"{flag} {path}: cannot be made, {parent} is not writable"
 
 
 # ---------------------------------------------------------------------------------------------
 # answer: POPE questions through decode.generate, resumably
 
-DECODINGS = {"greedy": dict(), "sample": dict(sample=True), "vcd": dict(sample=True, contrast=True),
-             "vcd-greedy": dict(contrast=True)}
+DECODINGS = {"greedy": dict(), "sample": dict(sample=True),
+             "vcd-sample": dict(sample=True, contrast=True), "vcd-greedy": dict(contrast=True)}
+FORMER_NAMES = {"vcd": "vcd-sample"}  # still accepted by --decoding
 
 
-def contrast_settings(options):
-    """The contrast of METHOD.md 2 (alpha, beta, noise_step) as read from parsed flags, for vcd decodings."""
+def contrast_options(options):
+    """The contrast's settings of METHOD.md 2 (alpha, beta, noise_step) from parsed flags."""
     return {"alpha": options.alpha, "beta": options.beta, "noise_step": options.noise_step}
 
 
-def answer_settings(question_file, decoding, seed, max_new_tokens, made_with=None, **decode_options):
-    """What an answers file records it was made with (each record's "made_with"): the caller's own
-    settings (made_with: the model, or train.py's run), the question file's sha256 and this call's
-    decoding settings. Appending to a file made otherwise is refused (resume_records)."""
+def answer_settings(question_file, decoding, seed, max_new_tokens, made_with=None,
+                    **decode_options):
+    """An answer's "made_with": the caller's (the model, or train.py's run), the question file's
+    sha256 and the decoding settings; resume_records refuses other ones."""
     return {"questions": fingerprint(question_file), "decoding": decoding, "seed": seed,
             "max_new_tokens": max_new_tokens, **decode_options, **(made_with or {})}
 
 
-def answer_questions(model, processor, question_file, image_dir, out_path, decoding="greedy", batch_size=16,
-                     seed=0, max_new_tokens=8, progress=True, made_with=None, **decode_options):
+def answer_questions(model, processor, question_file, image_dir, out_path, decoding="greedy",
+                     batch_size=16, seed=0, max_new_tokens=8, progress=True, made_with=None,
+                     **decode_options):
     """Answer every question of `question_file`, appending JSON lines to `out_path` as they come.
 
     Rerunning with the same `out_path` and settings resumes after the last answer written; a file
@@ -276,9 +295,11 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {sorted(DECODINGS)}, got {decoding!r}")
     questions = load_questions(question_file)
-    settings = answer_settings(question_file, decoding, seed, max_new_tokens, made_with, **decode_options)
+    settings = answer_settings(question_file, decoding, seed, max_new_tokens, made_with,
+                               **decode_options)
     # Under torchrun process 0 reads the file (cutting a torn last line) and writes it
-    answers = distributed.broadcast(runs.resume_records(out_path, settings) if distributed.is_main() else None)
+    answers = distributed.broadcast(runs.resume_records(out_path, settings) if distributed.is_main()
+                                    else None)
     done = {a["question_id"] for a in answers}
     todo = [q for q in questions if q["question_id"] not in done]
     device = next(model.parameters()).device
@@ -286,19 +307,22 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
 
     def answer_batch(batch, _):
         prompts = [q["text"] + PROMPT_SUFFIX for q in batch]
-        inputs = models.prompt_batch(processor, [os.path.join(image_dir, q["image"]) for q in batch], prompts,
+        inputs = models.prompt_batch(processor,
+                                     [os.path.join(image_dir, q["image"]) for q in batch], prompts,
                                      device)  # reads the images (an unreadable one is named)
-        generators = [decode.seeded_generator(seed, int(q["question_id"])) for q in batch]  # by question, not batch
+        # noise by question, not by batch
+        generators = [decode.seeded_generator(seed, int(q["question_id"])) for q in batch]
         ids = decode.generate(model, inputs, max_new_tokens, generators=generators,
                               eos_token_id=processor.tokenizer.eos_token_id,
                               suppress_token_ids=models.placeholder_token_ids(model, processor),
                               **DECODINGS[decoding], **decode_options)
         return [{"question_id": q["question_id"], "prompt": prompt,
-                 "text": processor.tokenizer.decode(row, skip_special_tokens=True).strip(), "label": q.get("label")}
+                 "text": processor.tokenizer.decode(row, skip_special_tokens=True).strip(),
+                 "label": q.get("label")}
                 for q, prompt, row in zip(batch, prompts, ids)]
 
-    answers += runs.decode_and_log(todo, answer_batch, batch_size, out_path, settings, progress=progress,
-                                   desc=f"POPE {decoding}", total=len(questions))
+    answers += runs.decode_and_log(todo, answer_batch, batch_size, out_path, settings,
+                                   progress=progress, desc=f"POPE {decoding}", total=len(questions))
     distributed.barrier()  # the file is complete before any process scores it
     return answers
 
@@ -315,7 +339,8 @@ def parse_answer(text):
 
 
 def score(predictions, labels):
-    """Accuracy, precision, recall, F1 and yes-ratio as fractions (yes is positive), plus tp/fp/tn/fn."""
+    """Accuracy, precision, recall, F1 and yes-ratio as fractions (yes is positive), plus
+    tp/fp/tn/fn."""
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
     pairs = list(zip(predictions, labels))
@@ -340,24 +365,29 @@ def score_files(question_file, answer_file):
     extra = sorted(set(answers) - set(questions), key=str)
     if missing or extra:
         raise ValueError(f"{answer_file}: does not answer {question_file}: "
-                         + (f"no answer for question_id {missing[0]} ({len(missing)} missing)" if missing else "")
+                         + (f"no answer for question_id {missing[0]} ({len(missing)} missing)"
+                            if missing else "")
                          + ("; " if missing and extra else "")
-                         + (f"question_id {extra[0]} is not a question there ({len(extra)} stray)" if extra else ""))
+                         + (f"question_id {extra[0]} is not a question there ({len(extra)} stray)"
+                            if extra else ""))
     sha = fingerprint(question_file)
     for i, a in answers.items():
         made_for = a.get("made_with", {}).get("questions", sha)  # files from elsewhere record none
         if made_for != sha:
-            raise ValueError(f"{answer_file}: made for a question file of sha256 {made_for}, not for {question_file} "
-                             f"({sha})")
+            raise ValueError(f"{answer_file}: made for a question file of sha256 {made_for}, not "
+                             f"for {question_file} ({sha})")
         if questions[i]["text"] not in a.get("prompt", questions[i]["text"]):
-            raise ValueError(f"{answer_file}: question_id {i} answers {a['prompt']!r}, but {question_file}:"
-                             f"{questions[i]['_line']} asks {questions[i]['text']!r}: another question file's answers")
+            raise ValueError(f"{answer_file}: question_id {i} answers {a['prompt']!r}, but "
+                             f"{question_file}:{questions[i]['_line']} asks "
+                             f"{questions[i]['text']!r}: another question file's answers")
     ids = sorted(questions, key=str)
-    return score([parse_answer(answers[i]["text"]) for i in ids], [questions[i]["label"] for i in ids])
+    return score([parse_answer(answers[i]["text"]) for i in ids],
+                 [questions[i]["label"] for i in ids])
 
 
 def format_table(rows):
-    """rows: {name: metrics}. Percentages, columns in the order accuracy, precision, recall, F1, yes-ratio."""
+    """rows: {name: metrics}. Percentages, columns in the order accuracy, precision, recall, F1,
+    yes-ratio."""
     lines = [f"{'':<28}{'accuracy':>10}{'precision':>11}{'recall':>9}{'F1':>8}{'yes-ratio':>11}"]
     for name, m in rows.items():
         lines.append(f"{name:<28}{m['accuracy']:>10.2%}{m['precision']:>11.2%}{m['recall']:>9.2%}"
@@ -369,44 +399,62 @@ def format_table(rows):
 # Command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="write the three POPE question files from object annotations")
+    build = commands.add_parser("build",
+                                help="write the three POPE question files from object annotations")
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--objects", help="JSON map: image file name -> list of objects in it")
     source.add_argument("--coco", help="a COCO instances_*.json annotation file")
-    build.add_argument("--out", required=True, help="folder for <prefix>_pope_{random,popular,adversarial}.json")
-    build.add_argument("--prefix", default="custom", help="file name prefix (the official files use 'coco')")
-    build.add_argument("--per-image", type=int, default=3, help="positives (and negatives) per image")
+    build.add_argument("--out", required=True,
+                       help="folder for <prefix>_pope_{random,popular,adversarial}.json")
+    build.add_argument("--prefix", default="custom",
+                       help="file name prefix (the official files use 'coco')")
+    build.add_argument("--per-image", type=int, default=3,
+                       help="positives (and negatives) per image")
     build.add_argument("--seed", type=int, default=0, help="seed for the random choices")
 
     answer = commands.add_parser("answer", help="run a model over a question file, resumably")
-    answer.add_argument("--model", required=True, help="local checkpoint folder (LLaVA-1.5, InternVL, toy model)")
+    answer.add_argument("--model", required=True,
+                        help="local checkpoint folder (LLaVA-1.5, InternVL, toy model)")
     answer.add_argument("--questions", required=True, help="POPE question file (JSON lines)")
     answer.add_argument("--images", required=True, help="folder holding the questions' images")
-    answer.add_argument("--out", required=True, help="answers file (JSON lines); an existing one is resumed")
-    answer.add_argument("--decoding", default="greedy", choices=sorted(DECODINGS), help="how to pick tokens")
+    answer.add_argument("--out", required=True,
+                        help="answers file (JSON lines); an existing one is resumed")
+    answer.add_argument("--decoding", default="greedy", choices=sorted(DECODINGS) + list(FORMER_NAMES),
+                        help="how to pick tokens")
     answer.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
-    answer.add_argument("--seed", type=int, default=0, help="seed of the sampling and distortion noise")
+    answer.add_argument("--seed", type=int, default=0,
+                        help="seed of the sampling and distortion noise")
     answer.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit")
     answer.add_argument("--alpha", type=float, default=purge.ALPHA,
                         help="vcd decodings: contrast strength (METHOD.md 2)")
-    answer.add_argument("--beta", type=float, default=purge.BETA, help="vcd decodings: plausibility cut (METHOD.md 2)")
+    answer.add_argument("--beta", type=float, default=purge.BETA,
+                        help="vcd decodings: plausibility cut (METHOD.md 2)")
     answer.add_argument("--noise-step", type=int, default=purge.NOISE_STEP,
                         help="vcd decodings: diffusion step of the distortion")
-    answer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    answer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device")
     answer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
 
-    scorer = commands.add_parser("score", help="print the official metrics, one row per answers file")
-    scorer.add_argument("--questions", nargs="+", required=True, help="question files, one per answers file")
-    scorer.add_argument("--answers", nargs="+", required=True, help="answers files written by `answer`")
+    scorer = commands.add_parser("score",
+                                 help="print the official metrics, one row per answers file")
+    scorer.add_argument("--questions", nargs="+", required=True,
+                        help="question files, one per answers file")
+    scorer.add_argument("--answers", nargs="+", required=True,
+                        help="answers files written by `answer`")
     scorer.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
-    command = {"build": build_command, "answer": answer_command, "score": score_command}[args.command]
+    if args.command == "answer":
+        args.decoding = FORMER_NAMES.get(args.decoding, args.decoding)
+    command = {"build": build_command, "answer": answer_command,
+               "score": score_command}[args.command]
     try:
         command(args)
-    except Refused as refusal:  # before any work: one line naming the flag, or the file and its line
+    # before any work: one line naming the flag, or the file and its line
+    except Refused as refusal:
         parser.exit(2, f"{parser.prog} {args.command}: error: {refusal}\n")
 
 
@@ -432,21 +480,27 @@ def read_json(path, flag):
 
 
 def build_command(args):
-    refuse_if(None if args.per_image >= 1 else f"--per-image must be at least 1, got {args.per_image}")
+    refuse_if(None if args.per_image >= 1
+              else f"--per-image must be at least 1, got {args.per_image}")
     refuse_if(output_problem("--out", args.out, folder=True))
     if args.objects:
         objects = read_json(args.objects, "--objects")
-        if not isinstance(objects, dict) or not all(isinstance(v, list) and all(isinstance(o, str) for o in v)
+        if not isinstance(objects, dict) or not all(isinstance(v, list)
+                                                    and all(isinstance(o, str) for o in v)
                                                     for v in objects.values()):
-            raise Refused(f"--objects {args.objects}: must map each image file name to a list of object names")
+            raise Refused(f"--objects {args.objects}: must map each image file name to a list of "
+                          f"object names")
     else:
         coco = read_json(args.coco, "--coco")
         if not isinstance(coco, dict) or not {"images", "annotations", "categories"} <= set(coco):
-            raise Refused(f"--coco {args.coco}: not a COCO instances file (needs images, annotations, categories)")
+            raise Refused(f"--coco {args.coco}: not a COCO instances file (needs images, "
+                          f"annotations, categories)")
         objects = objects_from_coco(coco)
-    splits = {split: build_questions(objects, split, per_image=args.per_image, seed=args.seed) for split in SPLITS}
-    refuse_if(None if splits["random"] else f"no image has {args.per_image} objects and {args.per_image} absent ones: "
-                                            f"no questions (a smaller --per-image?)")
+    splits = {split: build_questions(objects, split, per_image=args.per_image, seed=args.seed)
+              for split in SPLITS}
+    refuse_if(None if splits["random"]
+              else f"no image has {args.per_image} objects and {args.per_image} absent ones: "
+                   f"no questions (a smaller --per-image?)")
     os.makedirs(args.out, exist_ok=True)
     for split, records in splits.items():
         path = os.path.join(args.out, f"{args.prefix}_pope_{split}.json")
@@ -455,13 +509,17 @@ def build_command(args):
 
 
 def answer_problem(args):
-    """The first thing wrong with `answer`'s flags and files, checked before the model loads; None if all is well."""
+    """The first thing wrong with `answer`'s flags and files, checked before the model loads; None
+    if all is well."""
     if not os.path.isfile(os.path.join(args.model, "config.json")):
-        return f"--model {args.model}: not a local checkpoint folder (no config.json; nothing is downloaded)"
-    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        return (f"--model {args.model}: not a local checkpoint folder (no config.json; nothing is "
+                "downloaded)")
+    for flag, value in (("--batch-size", args.batch_size),
+                        ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             return f"{flag} must be at least 1, got {value}"
-    problem = (out_of_range("--alpha", args.alpha, low=0) or out_of_range("--beta", args.beta, 0, 1, above=True)
+    problem = (out_of_range("--alpha", args.alpha, low=0)
+               or out_of_range("--beta", args.beta, 0, 1, above=True)
                or out_of_range("--noise-step", args.noise_step, 0, purge.NUM_DIFFUSION_STEPS - 1))
     if problem:
         return problem
@@ -479,30 +537,36 @@ def answer_command(args):
     refuse_if(answer_problem(args))
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    contrast = contrast_settings(args) if DECODINGS[args.decoding].get("contrast") else {}
+    options = contrast_options(args) if DECODINGS[args.decoding].get("contrast") else {}
     made_with = {"model": os.path.abspath(args.model), "dtype": str(dtype).removeprefix("torch.")}
-    settings = answer_settings(args.questions, args.decoding, args.seed, args.max_new_tokens, made_with, **contrast)
+    settings = answer_settings(args.questions, args.decoding, args.seed, args.max_new_tokens,
+                               made_with, **options)
     try:
-        done = runs.resume_records(args.out, settings)  # a file made otherwise is refused before the model loads
+        # a file made otherwise is refused before the model loads
+        done = runs.resume_records(args.out, settings)
     except ValueError as error:
         raise Refused(str(error)) from None
     model, processor = models.load_model(args.model, args.device, dtype)
     try:
-        answers = answer_questions(model, processor, args.questions, image_dir=args.images, out_path=args.out,
-                                   decoding=args.decoding, batch_size=args.batch_size, seed=args.seed,
-                                   max_new_tokens=args.max_new_tokens, made_with=made_with, **contrast)
+        answers = answer_questions(model, processor, args.questions, image_dir=args.images,
+                                   out_path=args.out, decoding=args.decoding,
+                                   batch_size=args.batch_size, seed=args.seed,
+                                   max_new_tokens=args.max_new_tokens, made_with=made_with,
+                                   **options)
     except KeyboardInterrupt:
         kept = len(runs.resume_records(args.out, settings)) if os.path.exists(args.out) else 0
-        sys.exit(f"stopped: {kept} answers kept in {args.out} ({len(done)} before this run); the same command "
-                 f"resumes after them")
+        sys.exit(f"stopped: {kept} answers kept in {args.out} ({len(done)} before this run); the "
+                 f"same command resumes after them")
     print(f"{len(answers)} answers in {args.out}")
 
 
 def score_command(args):
-    refuse_if(None if len(args.questions) == len(args.answers) else "give one --questions file per --answers file")
+    refuse_if(None if len(args.questions) == len(args.answers)
+              else "give one --questions file per --answers file")
     refuse_if(output_problem("--json", args.json, folder=False) if args.json else None)
     try:
-        rows = {os.path.basename(a): score_files(q, a) for q, a in zip(args.questions, args.answers)}
+        rows = {os.path.basename(a): score_files(q, a)
+                for q, a in zip(args.questions, args.answers)}
     except ValueError as error:  # names the file and the line, or the question_id
         raise Refused(str(error)) from None
     print(format_table(rows))

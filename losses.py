@@ -9,10 +9,10 @@ the voids. Reverse KL charges q (log q - log 0) = +inf for any student mass on a
 student is pushed out of the voids and onto the dominant modes.
 
 Not from the paper (ours): log pt on a void (and only there) is replaced by log(eps), eps = 1e-8,
-and 0 log 0 = 0, so both losses and their gradients stay finite in float32 and bfloat16. Both losses are computed in
-float32 whatever the input dtype. `python losses.py` runs the one-bump-versus-two-bumps picture
-and draws it to void_picture.png.
-Imports: torch and the standard library only, so this file can be copied on its own.
+and 0 log 0 = 0, so both losses and their gradients stay finite in float32 and bfloat16. Both losses
+are computed in float32 whatever the input dtype. `python losses.py` runs the
+one-bump-versus-two-bumps picture and draws it to void_picture.png. Imports: torch and the standard
+library only, so this file can be copied on its own.
 """
 import math
 
@@ -21,22 +21,25 @@ import torch.nn.functional as F
 
 
 def _mean_over_positions(per_position, mask):
-    """Average a (...,) tensor over the positions where mask is true (all when None); no positions -> 0."""
+    """Mean of a (...,) tensor over the positions where mask is true (all when None); none: 0."""
     if mask is None:
         return per_position.mean()
     mask = mask.to(per_position.device, torch.bool)
     if mask.shape != per_position.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the positions {tuple(per_position.shape)}")
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the positions "
+                         f"{tuple(per_position.shape)}")
     # clamp: an all-false mask gives 0 / 1 = 0, not 0 / 0 = NaN.
     return per_position.masked_fill(~mask, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def forward_kl(student_logits, teacher_logits, mask=None):
-    """L_F = mean_t sum_w pt(w) [log pt(w) - log q(w)]. Logits (..., V); teacher may hold -inf voids."""
+    """L_F = mean_t sum_w pt(w) [log pt(w) - log q(w)]. Logits (..., V); teacher may hold -inf
+    voids."""
     log_q = F.log_softmax(student_logits.float(), dim=-1)
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
     p = log_p.exp()
-    # 0 log 0 = 0: zero the void log-probs *before* the product (masking after it gives NaN gradients).
+    # 0 log 0 = 0: zero the void log-probs *before* the product (masking after it gives NaN
+    # gradients).
     log_p = log_p.masked_fill(p == 0, 0.0)
     per_position = (p * (log_p - log_q)).sum(dim=-1)
     return _mean_over_positions(per_position, mask)
@@ -50,8 +53,9 @@ def reverse_kl(student_logits, teacher_logits, mask=None, eps=1e-8):
     """
     log_q = F.log_softmax(student_logits.float(), dim=-1)
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
-    # Only the voids (log pt = -inf) are floored: a kept token keeps its exact log pt, however small,
-    # so on a teacher without voids this is the exact reverse KL. A void costs log(1/eps) per unit of mass.
+    # Only the voids (log pt = -inf) are floored: a kept token keeps its exact log pt, however
+    # small, so on a teacher without voids this is the exact reverse KL. A void costs log(1/eps) per
+    # unit of mass.
     log_p = log_p.masked_fill(torch.isneginf(log_p), math.log(eps))
     q = log_q.exp()
     per_position = (q * (log_q - log_p)).sum(dim=-1)
@@ -66,7 +70,8 @@ def void_mass(student_logits, teacher_logits, mask=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The same three on a sparse teacher: the purified distribution as its kept tokens alone (METHOD.md 3)
+# The same three on a sparse teacher: the purified distribution as its kept tokens alone (METHOD.md
+# 3)
 #
 # purify keeps only the plausible set, so a purified teacher is exactly a short list per position:
 # teacher_ids (N, K) and their purified logits teacher_logits (N, K), a row padded with -inf logits
@@ -74,9 +79,11 @@ def void_mass(student_logits, teacher_logits, mask=None):
 # above on the dense teacher the list came from, in value and gradient.
 
 def _sparse_parts(student_logits, teacher_ids, teacher_logits):
-    """log q (N, V); log pt on the listed tokens (-inf on padding); q on them (0 on padding); kept mask."""
+    """log q (N, V); log pt on the listed tokens (-inf on padding); q on them (0 on padding); the
+    kept mask."""
     log_q = F.log_softmax(student_logits.float(), dim=-1)
-    log_p = F.log_softmax(teacher_logits.float(), dim=-1)  # the normaliser runs over the kept tokens only
+    # the normaliser runs over the kept tokens only
+    log_p = F.log_softmax(teacher_logits.float(), dim=-1)
     kept = torch.isfinite(teacher_logits)
     q_kept = log_q.gather(-1, teacher_ids).exp().masked_fill(~kept, 0.0)
     return log_q, log_p, q_kept, kept
@@ -112,14 +119,15 @@ def sparse_void_mass(student_logits, teacher_ids, teacher_logits, mask=None):
 # The void-space picture of METHOD.md 3: a one-bump student against a two-bump purified teacher.
 
 def two_bump_teacher(grid, centres=(-2.5, 2.5), width=0.6, void=(-1.0, 1.0)):
-    """Teacher logits on a 1-D grid: two Gaussian bumps, purged (-inf) on the void interval between them."""
+    """Teacher logits on a 1-D grid: two Gaussian bumps, purged (-inf) on the void between them."""
     bumps = torch.stack([-(grid - c) ** 2 / (2 * width ** 2) for c in centres])
     logits = torch.logsumexp(bumps, dim=0)
     return logits.masked_fill((grid > void[0]) & (grid < void[1]), float("-inf"))
 
 
 def fit_one_bump(loss_fn, teacher_logits, grid, steps=400, lr=0.05, init_mean=0.3, init_width=0.5):
-    """Fit a discretised Gaussian (learnable mean and log-width) to the teacher; returns mean, width, void mass.
+    """Fit a discretised Gaussian (learnable mean and log-width) to the teacher; returns mean,
+    width, void mass.
 
     The student starts narrow and just off the centre of the void. (Started wide, reverse KL can
     also escape the void by flattening into a near-uniform student, where the width gradient

@@ -1,11 +1,13 @@
-"""Every difference between the model families (LLaVA-1.5, InternVL, Qwen2-VL) and PEFT, in one file.
+"""Every difference between the model families (LLaVA-1.5, InternVL, Qwen2-VL) and PEFT, in one
+file.
 
 Paper: SEED (arXiv 2507.04680) is written for LLaVA-1.5 and InternVL2; the formulas (METHOD.md 1-5)
 do not change with the family, but where a family keeps its pixels, positions and placeholders does.
 Each function reads LLaVA's case first and each other family's branch after it:
 - loading a checkpoint folder and its processor (InternVL's and Qwen2-VL's without torchvision);
 - the chat prompt and a left-padded batch of image prompts;
-- the projected vision features (a list per image, or one tensor), the positions (Qwen2-VL's M-RoPE);
+- the projected vision features (a list per image, or one tensor), the positions (Qwen2-VL's
+  M-RoPE);
 - the distortion's layout (Qwen2-VL's flattened patches, shared by a still image's temporal copies),
   and which pixel rows belong to which question (InternVL's tiles);
 - the placeholder token ids, never a valid answer token;
@@ -24,9 +26,10 @@ import purge
 
 def load_processor(path):
     """The folder's own processor, for images: AutoProcessor's, or, where the processor class also
-    takes a video processor (InternVL's, Qwen2-VL's), which needs torchvision, and torchvision is not
-    installed, the same class built from the image processor, the tokenizer, the chat template and
-    the processor settings alone. The image path never reads the video processor, so nothing is lost."""
+    takes a video processor (InternVL's, Qwen2-VL's), which needs torchvision, and torchvision is
+    not installed, the same class built from the image processor, the tokenizer, the chat template
+    and the processor settings alone. The image path never reads the video processor, so nothing is
+    lost."""
     import transformers
     from transformers import AutoProcessor
     from transformers.processing_utils import ProcessorMixin
@@ -34,43 +37,51 @@ def load_processor(path):
 
     settings, _ = ProcessorMixin.get_processor_dict(path)
     name = settings.get("processor_class")
-    if name is None and os.path.isfile(os.path.join(path, "preprocessor_config.json")):  # Qwen2.5-VL's place
+    # Qwen2.5-VL's place
+    if name is None and os.path.isfile(os.path.join(path, "preprocessor_config.json")):
         with open(os.path.join(path, "preprocessor_config.json")) as f:
             name = json.load(f).get("processor_class")
     full = getattr(transformers, name or "", None)
     if full is None or is_torchvision_available() or "video_processor" not in full.get_attributes():
         return AutoProcessor.from_pretrained(path)
-    # ProcessorMixin loads and checks exactly the attributes get_attributes lists: leave the video one out
+    # ProcessorMixin loads and checks exactly the attributes get_attributes lists: leave the video
+    # one out
     attributes = [a for a in full.get_attributes() if a != "video_processor"]
     images_only = type(name, (full,), {"get_attributes": classmethod(lambda cls: attributes)})
     return images_only.from_pretrained(path)
 
 
 def load_model(path, device="cpu", dtype=None):
-    """Any local image-text-to-text checkpoint in transformers form, with its processor (load_processor)."""
+    """Any local image-text-to-text checkpoint in transformers form, with its processor
+    (load_processor)."""
     from transformers import AutoModelForImageTextToText
 
     processor = load_processor(path)
     if not hasattr(processor, "image_processor"):  # AutoProcessor falls back to the tokenizer alone
-        raise ValueError(f"{path}: AutoProcessor gave a {type(processor).__name__}, not an image-text processor: the "
-                         f"folder's processor could not be built (no preprocessor_config.json?)")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
+        raise ValueError(f"{path}: AutoProcessor gave a {type(processor).__name__}, not an "
+                         f"image-text processor: the folder's processor could not be built (no "
+                         f"preprocessor_config.json?)")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype
+                                                        or torch.float32).to(device).eval()
     return model, processor
 
 
 def chat_prompt(processor, text):
-    """The processor's own chat template around one image and one question: the real models' path."""
+    """The processor's own chat template around one image and one question: the real models'
+    path."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def prompt_batch(processor, images, texts, device="cpu"):
-    """One image (a path or a PIL image) + one question per row, through the chat template, left-padded
-    for generation."""
+    """One image (a path or a PIL image) + one question per row, through the chat template,
+    left-padded for generation."""
     images = [open_image(image) for image in images]
     prompts = [chat_prompt(processor, text) for text in texts]
-    # Left padding, since generation appends on the right; set for this call, the tokenizer is left as it was.
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+    # Left padding, since generation appends on the right; set for this call, the tokenizer is left
+    # as it was.
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True,
+                     padding_side="left").to(device)
 
 
 def open_image(image):
@@ -103,29 +114,24 @@ def image_features(model, pixel_values, image_grid_thw=None):
     grid = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
     output = model.get_image_features(pixel_values=pixel_values, **grid)
     features = getattr(output, "pooler_output", output)
-    if isinstance(features, (list, tuple)):  # LLaVA and Qwen2-VL return one tensor per image, InternVL one tensor
+    # LLaVA and Qwen2-VL return one tensor per image, InternVL one tensor
+    if isinstance(features, (list, tuple)):
         features = torch.cat(list(features), dim=0)
     return features.reshape(-1, features.shape[-1])
 
 
 def position_ids(model, input_ids, attention_mask, image_grid_thw=None):
-    """The positions of a padded batch, as the model's family reads them.
-
-    Most families: 1-D positions counted over the attended tokens (left padding does not shift
-    them). Qwen2-VL / Qwen2.5-VL (M-RoPE): image tokens have (time, height, width) positions from the
-    image grid and the text after an image continues from their maximum; the model's own
-    get_rope_index computes them, and they are stacked under the 1-D positions as the model's
-    generate does: (4, batch, length), row 0 for the attention mask, rows 1-3 for the rotary embedding.
-    Passing such positions explicitly is what keeps the decoding loop right: without them the
-    model would infer positions from state it keeps between calls (rope_deltas).
-    """
+    """The positions of a padded batch as the family reads them: 1-D over the attended tokens; for
+    Qwen2-VL's M-RoPE, (4, batch, length) as its generate builds them (row 0 the 1-D ones, rows 1-3
+    get_rope_index's (time, height, width)). Passed explicitly, so the model never infers them from
+    the state it keeps between calls (rope_deltas)."""
     text = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     inner = getattr(model, "model", None)
     if image_grid_thw is None or not hasattr(inner, "get_rope_index"):
         return text
     token_types = (input_ids == model.config.image_token_id).long()  # 1 on image tokens, 0 on text
-    mrope, _ = inner.get_rope_index(input_ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw,
-                                    attention_mask=attention_mask)
+    mrope, _ = inner.get_rope_index(input_ids, mm_token_type_ids=token_types,
+                                    image_grid_thw=image_grid_thw, attention_mask=attention_mask)
     return torch.cat([text[None], mrope.to(text.device)], dim=0)
 
 
@@ -135,7 +141,8 @@ def placeholder_token_ids(model=None, processor=None):
     next pass would read it as a placeholder."""
     ids = set()
     if model is not None:
-        ids |= {getattr(model.config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id")}
+        ids |= {getattr(model.config, name, None)
+                for name in ("image_token_id", "image_token_index", "video_token_id")}
     if processor is not None:
         ids |= set(processor.image_token_ids) | set(processor.video_token_ids)
     return sorted(i for i in ids if i is not None)
@@ -163,25 +170,23 @@ def distort_images(model, pixel_values, noise_step, generator=None):
 
 
 def distort_per_question(model, pixel_values, input_ids, noise_step, generators):
-    """Each question's images (all of its tiles or patches) distorted with that question's own generator.
-
-    pixel_values has rows per tile (InternVL cuts an image into 1..12), per image (LLaVA) or per
-    patch (Qwen2-VL), not per question; a question's share of the rows follows its share of the
-    image placeholders. Noise drawn per question keeps each answer independent of the batch it was
-    answered in.
-    """
+    """Each question's rows of pixel_values (its tiles, image or patches) distorted with its own
+    generator, so that an answer does not depend on the batch it was answered in."""
     parts = torch.split(pixel_values, pixel_rows_per_question(model, pixel_values, input_ids))
-    return torch.cat([distort_images(model, part, noise_step, g) for part, g in zip(parts, generators)])
+    return torch.cat(
+        [distort_images(model, part, noise_step, g) for part, g in zip(parts, generators)])
 
 
 def pixel_rows_per_question(model, pixel_values, input_ids):
     """How many rows of pixel_values belong to each question (row of input_ids): its share of the
-    image placeholders. One per question for LLaVA, its tiles for InternVL, its patches for Qwen2-VL."""
+    image placeholders. One per question for LLaVA, its tiles for InternVL, its patches for
+    Qwen2-VL."""
     placeholders = (input_ids == model.config.image_token_id).sum(-1).tolist()
     rows, total = pixel_values.shape[0], sum(placeholders)
     shares = [n * rows // total if total else 0 for n in placeholders]
     if total == 0 or sum(shares) != rows or any(n * rows % total for n in placeholders):
-        raise ValueError(f"{total} image placeholders do not split evenly over {rows} rows of pixel values")
+        raise ValueError(
+            f"{total} image placeholders do not split evenly over {rows} rows of pixel values")
     return shares
 
 
@@ -189,18 +194,15 @@ def pixel_rows_per_question(model, pixel_values, input_ids):
 # PEFT
 
 def transformers_model(model):
-    """The transformers model itself: under a PEFT wrapper (peft.PeftModel) its get_base_model().
-
-    A PeftModel forwards attribute lookups to the model it wraps, but `.model` on it is the whole
-    LlavaForConditionalGeneration, not the decoder stack `response_logits` runs; unwrapping once
-    keeps every access below the same for both kinds of adapter (PEFT's LoRA layers stay in place).
-    """
+    """The transformers model under a PEFT wrapper (its `.model` is the whole model, not the
+    decoder stack response_logits runs); PEFT's LoRA layers stay in place."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def teacher_mode(model):
-    """The context in which `model` is the teacher, the base weights with the adapter off (METHOD.md 4):
-    PEFT's own disable_adapter() for a peft.PeftModel, adapter.adapter_disabled for this project's."""
+    """The context in which `model` is the teacher, the base weights with the adapter off (METHOD.md
+    4): PEFT's own disable_adapter() for a peft.PeftModel, adapter.adapter_disabled for this
+    project's."""
     if hasattr(model, "get_base_model") and hasattr(model, "disable_adapter"):
         return model.disable_adapter()
     return adapter.adapter_disabled(model)

@@ -6,8 +6,9 @@ METHOD.md 3 (`curves`); `python train.py` draws results.png (`results_chart`) an
 """
 from PIL import Image, ImageDraw, ImageFont
 
-COLOURS = {"teacher": (40, 40, 40), "base": (150, 150, 150), "vcd": (90, 150, 210), "seed_forward": (235, 150, 50),
-           "seed_reverse": (200, 50, 50), "seed_reverse_vcd": (120, 40, 120)}
+COLOURS = {"teacher": (40, 40, 40), "base": (150, 150, 150), "vcd": (90, 150, 210),
+           "seed_forward": (235, 150, 50), "seed_reverse": (200, 50, 50),
+           "seed_reverse_vcd": (120, 40, 120)}
 VOID = (235, 225, 240)
 
 
@@ -16,7 +17,8 @@ def _font(size):
 
 
 def curves(x, series, path, title, shade=None, size=(760, 420)):
-    """Line plot: series = {label: (ys, colour)} over the same x; shade = (x0, x1) drawn as the void."""
+    """Line plot: series = {label: (ys, colour)} over the same x; shade = (x0, x1) drawn as the
+    void."""
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 50, 40, size[0] - 20, size[1] - 40
@@ -25,14 +27,16 @@ def curves(x, series, path, title, shade=None, size=(760, 420)):
     py = lambda v: bottom - v / top_y * (bottom - top)  # noqa: E731
     if shade:
         draw.rectangle([px(shade[0]), top, px(shade[1]), bottom], fill=VOID)
-        draw.text((px(shade[0]) + 4, bottom - 20), "void (pt = 0)", fill=(120, 80, 140), font=_font(13))
+        draw.text((px(shade[0]) + 4, bottom - 20), "void (pt = 0)", fill=(120, 80, 140),
+                  font=_font(13))
     draw.line([left, bottom, right, bottom], fill="black")
     draw.line([left, top, left, bottom], fill="black")
     for value in (x[0], 0.0, x[-1]):
         draw.text((px(value) - 8, bottom + 6), f"{value:g}", fill="black", font=_font(12))
     for row, (label, (ys, colour)) in enumerate(series.items()):
         draw.line([(px(a), py(b)) for a, b in zip(x, ys)], fill=colour, width=3)
-        draw.line([left + 15, top + 12 + 20 * row, left + 40, top + 12 + 20 * row], fill=colour, width=3)
+        draw.line([left + 15, top + 12 + 20 * row, left + 40, top + 12 + 20 * row], fill=colour,
+                  width=3)
         draw.text((left + 47, top + 5 + 20 * row), label, fill="black", font=_font(13))
     draw.text((left, 10), title, fill="black", font=_font(15))
     image.save(path)
@@ -57,13 +61,15 @@ def results_chart(rows, splits, void_mass, path):
         x0 = 50 + 140 * g
         for i, (method, r) in enumerate(rows.items()):
             value = r[decoding][split]
-            draw.rectangle([x0 + i * width, py(value), x0 + (i + 1) * width - 3, bottom], fill=COLOURS[method])
+            draw.rectangle([x0 + i * width, py(value), x0 + (i + 1) * width - 3, bottom],
+                           fill=COLOURS[method])
         draw.text((x0, bottom + 8), f"{split}\n{decoding}", fill="black", font=_font(12))
     for tick in range(low, high + 1, 5):
         draw.text((8, py(tick) - 7), f"{tick}", fill=(90, 90, 90), font=_font(11))
         draw.line([40, py(tick), 50 + 140 * len(groups) - 30, py(tick)], fill=(225, 225, 225))
     # void mass: its own small panel, on its own scale
-    x0, most = 50 + 140 * len(groups) + 10, max(max(void_mass.values(), default=0), 1e-9)  # all zero: flat bars
+    # all zero: flat bars
+    x0, most = 50 + 140 * len(groups) + 10, max(max(void_mass.values(), default=0), 1e-9)
     for i, (method, mass) in enumerate(void_mass.items()):
         y = bottom - mass / most * (bottom - top - 40)
         draw.rectangle([x0 + i * 40, y, x0 + i * 40 + 30, bottom], fill=COLOURS[method])
@@ -77,7 +83,8 @@ def results_chart(rows, splits, void_mass, path):
 
 
 def scene_sheet(cards, path, title, side=160):
-    """A sheet of held-out scenes, each with a question and the answers of two models (green: right).
+    """A sheet of held-out scenes, each with a question and the answers of two models (green:
+    right).
 
     cards: [(PIL image, question, truth, base answer, SEED answer)].
     """
@@ -90,10 +97,12 @@ def scene_sheet(cards, path, title, side=160):
     for i, (image, question, truth, base, seed) in enumerate(cards):
         x, y = (i % columns) * card_w + 10, (i // columns) * card_h + 38
         # toy scenes are 32 pixels: enlarge them without blurring; photos are shrunk smoothly
-        sheet.paste(image.resize((side, side), Image.NEAREST if image.width < side else Image.BILINEAR), (x, y))
+        sheet.paste(image.resize((side, side),
+                                 Image.NEAREST if image.width < side else Image.BILINEAR), (x, y))
         draw.text((x, y + side + 4), question, fill="black", font=_font(12))
         for line, (who, answer) in enumerate((("base", base), ("SEED", seed))):
             colour = (30, 140, 60) if answer == truth else (200, 40, 40)
-            draw.text((x, y + side + 22 + 16 * line), f"{who}: {answer}", fill=colour, font=_font(13))
+            draw.text((x, y + side + 22 + 16 * line), f"{who}: {answer}", fill=colour,
+                      font=_font(13))
         draw.text((x + 120, y + side + 22), f"truth: {truth}", fill=(90, 90, 90), font=_font(13))
     sheet.save(path)

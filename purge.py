@@ -27,26 +27,30 @@ NOISE_STEP = 500  # diffusion step k of the distortion
 def noise_schedule(num_steps=NUM_DIFFUSION_STEPS):
     """abar_k for k = 0..T-1 in float64: the share of the signal's variance left after k+1 steps."""
     # beta_s = sigmoid(linspace(-6, 6, T)) * (5e-3 - 1e-5) + 1e-5   (VCD's schedule)
-    betas = torch.sigmoid(torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
+    betas = torch.sigmoid(
+        torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
     # abar_k = prod_{s<=k} (1 - beta_s)
     return torch.cumprod(1 - betas, dim=0)
 
 
 def distort(pixel_values, noise_step=NOISE_STEP, generator=None):
-    """v' = sqrt(abar_k) v + sqrt(1 - abar_k) eps: one-shot forward diffusion on a normalised pixel tensor.
+    """v' = sqrt(abar_k) v + sqrt(1 - abar_k) eps: one-shot forward diffusion on normalised pixels.
 
-    Works on any shape, device and float dtype; `generator` (on any device) makes the noise repeatable.
+    Any shape, device and float dtype; `generator` (on any device) makes the noise repeatable.
     """
     if not 0 <= noise_step < NUM_DIFFUSION_STEPS:
         raise ValueError(f"noise_step must be in 0..{NUM_DIFFUSION_STEPS - 1}, got {noise_step}")
     if not pixel_values.is_floating_point():
         raise ValueError(f"distort expects a float pixel tensor, got dtype {pixel_values.dtype}")
     abar = noise_schedule()[noise_step].item()
-    # Draw on the generator's device so one CPU generator gives the same noise whatever the tensor's device.
+    # Draw on the generator's device so one CPU generator gives the same noise whatever the tensor's
+    # device.
     noise_device = generator.device if generator is not None else pixel_values.device
-    noise = torch.randn(pixel_values.shape, generator=generator, device=noise_device, dtype=torch.float32)
-    noisy = math.sqrt(abar) * pixel_values.float() + math.sqrt(1 - abar) * noise.to(pixel_values.device)
-    return noisy.to(pixel_values.dtype)
+    noise = torch.randn(pixel_values.shape, generator=generator, device=noise_device,
+                        dtype=torch.float32)
+    noise = noise.to(pixel_values.device)
+    distorted = math.sqrt(abar) * pixel_values.float() + math.sqrt(1 - abar) * noise  # v'
+    return distorted.to(pixel_values.dtype)
 
 
 def plausible_set(logits, beta=BETA):
@@ -65,13 +69,14 @@ def purify(logits, distorted_logits, alpha=ALPHA, beta=BETA):
     Computed in at least float32 whatever the input dtype.
     """
     if logits.shape != distorted_logits.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and distorted_logits {tuple(distorted_logits.shape)} differ in shape")
+        raise ValueError(f"logits {tuple(logits.shape)} and distorted_logits "
+                         f"{tuple(distorted_logits.shape)} differ in shape")
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if not 0 < beta <= 1:
         raise ValueError(f"beta must be in (0, 1], got {beta}")
     dtype = torch.promote_types(logits.dtype, torch.float32)
     z, z_distorted = logits.to(dtype), distorted_logits.to(dtype)
-    contrast = (1 + alpha) * z - alpha * z_distorted  # c = (1 + alpha) z - alpha z'
+    c = (1 + alpha) * z - alpha * z_distorted  # c = (1 + alpha) z - alpha z'
     # The plausibility cut looks at the clean distribution only (METHOD.md 2).
-    return contrast.masked_fill(~plausible_set(z, beta), float("-inf"))
+    return c.masked_fill(~plausible_set(z, beta), float("-inf"))

@@ -1,4 +1,5 @@
-"""train.py's report: POPE on every row, CHAIR on the toy world, the answer cost, the table, the pictures.
+"""train.py's report: POPE on every row, CHAIR on the toy world, the answer cost, the table, the
+pictures.
 
 Paper: "Identify, Isolate, and Purge: Mitigating Hallucinations in LVLMs via Self-Evolving
 Distillation" (SEED), arXiv 2507.04680; POPE as METHOD.md 6 scores it. The rows: the base model, VCD
@@ -22,33 +23,38 @@ import seed
 # The table's rows, in its order: the base model, VCD decoding on it (two passes a token), SEED with
 # each divergence (one pass), and VCD decoding on the reverse-KL SEED model (two passes; the next
 # round's teacher): whether the two stack.
-METHODS = {"base": "base", "vcd": "VCD decoding", "seed_forward": "SEED forward KL", "seed_reverse": "SEED reverse KL",
-           "seed_reverse_vcd": "SEED + VCD"}
+METHODS = {"base": "base", "vcd": "VCD decoding", "seed_forward": "SEED forward KL",
+           "seed_reverse": "SEED reverse KL", "seed_reverse_vcd": "SEED + VCD"}
 
 
 
-def evaluate(model, processor, pope_files, image_dir, answers_dir, config, decodings=("greedy", "sample"),
-             contrast=False):
-    """POPE metrics: {decoding: {split: metrics}}; sampled decodings are the mean over seeds, with f1_std.
-    Answer files already in answers_dir are resumed (made with the same run's settings: refused otherwise)."""
+def evaluate(model, processor, pope_files, image_dir, answers_dir, config,
+             decodings=("greedy", "sample"), contrast=False):
+    """POPE metrics: {decoding: {split: metrics}}; sampled decodings are the mean over seeds, with
+    f1_std. Answer files already in answers_dir are resumed (made with the same run's settings:
+    refused otherwise)."""
     results = {}
     for decoding in decodings:
-        name = ("vcd-greedy" if decoding == "greedy" else "vcd") if contrast else decoding
+        name = f"vcd-{decoding}" if contrast else decoding
         seeds = range(config.sample_seeds) if decoding == "sample" else [0]
         results[decoding] = {}
         for split, question_file in pope_files.items():
             runs = []
             for s in seeds:
-                path = os.path.join(answers_dir, f"{name}_{split}_seed{s}.jsonl")  # resumed if it exists
-                # VCD contrasts with the flags' alpha, beta and noise step, the same contrast as SEED's teacher
-                eval_pope.answer_questions(model, processor, question_file, image_dir=image_dir, out_path=path,
+                # resumed if it exists
+                path = os.path.join(answers_dir, f"{name}_{split}_seed{s}.jsonl")
+                # VCD contrasts with the flags' alpha, beta and noise step, the same contrast as
+                # SEED's teacher
+                eval_pope.answer_questions(model, processor, question_file, image_dir=image_dir,
+                                           out_path=path,
                                            made_with={"run": cli.run_fingerprint(config)},
-                                           decoding=name, batch_size=config.eval_batch_size, seed=s, max_new_tokens=4,
-                                           progress=config.progress,
-                                           **(eval_pope.contrast_settings(config) if contrast else {}))
+                                           decoding=name, batch_size=config.eval_batch_size, seed=s,
+                                           max_new_tokens=4, progress=config.progress,
+                                           **(eval_pope.contrast_options(config) if contrast
+                                              else {}))
                 runs.append(eval_pope.score_files(question_file, path))
-            metrics = {k: statistics.mean(r[k] for r in runs) for k in ("accuracy", "precision", "recall", "f1",
-                                                                           "yes_ratio")}
+            metrics = {k: statistics.mean(r[k] for r in runs)
+                       for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
             if decoding == "sample":
                 metrics["f1_std"] = statistics.pstdev(r["f1"] for r in runs)
             results[decoding][split] = metrics
@@ -66,8 +72,8 @@ def answer_costs(model, processor, question_file, image_dir, batch_size, rows, r
     questions = eval_pope.load_questions(question_file)[:batch_size]
     images = [os.path.join(image_dir, q["image"]) for q in questions]  # prompt_batch reads them
     device = next(model.parameters()).device
-    inputs = models.prompt_batch(processor, images, [q["text"] + eval_pope.PROMPT_SUFFIX for q in questions],
-                                 device)
+    inputs = models.prompt_batch(processor, images,
+                                 [q["text"] + eval_pope.PROMPT_SUFFIX for q in questions], device)
     parameters = dict(model.named_parameters())
     swapped = sorted({name for weights, _ in rows.values() for name in weights})
     base = {name: parameters[name].detach().clone() for name in swapped}
@@ -84,7 +90,8 @@ def answer_costs(model, processor, question_file, image_dir, batch_size, rows, r
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            # Always 4 new tokens (no early stop), so every row does the same amount of decoding work.
+            # Always 4 new tokens (no early stop), so every row does the same amount of decoding
+            # work.
             decode.generate(model, inputs, max_new_tokens=4, contrast=contrast)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -122,7 +129,7 @@ def draw_pictures(results, splits, pope_files, image_dir, out):
 
     methods = [m for m in METHODS if m in results]
     rows = {m: {"label": METHODS[m], **{d: {s: 100 * results[m][d][s]["f1"] for s in splits}
-                                       for d in ("greedy", "sample")}} for m in methods}
+                                        for d in ("greedy", "sample")}} for m in methods}
     seeds = [m for m in methods if m in ("seed_forward", "seed_reverse")]
     void = {"base": 100 * results[seeds[0]]["void_mass_at_start"][0]} if seeds else {}
     void.update({m: 100 * results[m]["void_mass"][-1] for m in seeds})
@@ -131,19 +138,25 @@ def draw_pictures(results, splits, pope_files, image_dir, out):
         return
     split = "adversarial" if "adversarial" in pope_files else splits[-1]
     questions = {q["question_id"]: q for q in eval_pope.load_questions(pope_files[split])}
-    answers = {m: {a["question_id"]: eval_pope.parse_answer(a["text"]) for a in eval_pope.read_answers(
-        os.path.join(out, m, "answers", f"greedy_{split}_seed0.jsonl"))} for m in ("base", seeds[-1])}
+    answers = {}
+    for m in ("base", seeds[-1]):
+        path = os.path.join(out, m, "answers", f"greedy_{split}_seed0.jsonl")
+        answers[m] = {a["question_id"]: eval_pope.parse_answer(a["text"])
+                      for a in eval_pope.read_answers(path)}
     differ = [i for i in sorted(questions) if answers["base"][i] != answers[seeds[-1]][i]]
-    ids = sorted(differ[:6] + [i for i in sorted(questions) if i not in differ][:8 - len(differ[:6])])
-    cards = [(models.open_image(os.path.join(image_dir, questions[i]["image"])), questions[i]["text"],
-              questions[i].get("label"), answers["base"][i], answers[seeds[-1]][i]) for i in ids]
+    ids = sorted(differ[:6]
+                 + [i for i in sorted(questions) if i not in differ][:8 - len(differ[:6])])
+    cards = [(models.open_image(os.path.join(image_dir, questions[i]["image"])),
+              questions[i]["text"], questions[i].get("label"), answers["base"][i],
+              answers[seeds[-1]][i]) for i in ids]
     pictures.scene_sheet(cards, os.path.join(out, "scenes.png"),
-                         title=f"POPE {split}, greedy: {len(differ)} of {len(questions)} answers differ between the base "
-                               f"model and {METHODS[seeds[-1]]}; the first six of them, and two where they agree")
+                         title=f"POPE {split}, greedy: {len(differ)} of {len(questions)} answers "
+                               f"differ between the base model and {METHODS[seeds[-1]]}; the "
+                               f"first six of them, and two where they agree")
 
 
-def caption_hallucination(model, processor, image_dir, objects_by_image, object_names, contrast=False, batch_size=64,
-                          **contrast_options):
+def caption_hallucination(model, processor, image_dir, objects_by_image, object_names,
+                          contrast=False, batch_size=64, **contrast_options):
     """CHAIR on held-out descriptions (Rohrbach et al., 2018): the share of object mentions, every
     occurrence counted, that name an object not in the scene (chair_i), and the share of captions
     with any (chair_s). Toy world only: it needs true contents.
@@ -154,13 +167,16 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
     for start in distributed.batch_starts(len(names), batch_size):
         chunk = names[start:start + batch_size]
         images = [os.path.join(image_dir, n) for n in chunk]  # prompt_batch reads them
-        inputs = models.prompt_batch(processor, images, ["Describe the image."] * len(chunk), device)
+        inputs = models.prompt_batch(processor, images, ["Describe the image."] * len(chunk),
+                                     device)
         generators = [decode.seeded_generator(0, start + i) for i in range(len(chunk))]
         ids = decode.generate(model, inputs, 24, contrast=contrast, generators=generators,
-                                 eos_token_id=processor.tokenizer.eos_token_id,
-                                 suppress_token_ids=models.placeholder_token_ids(model, processor), **contrast_options)
+                              eos_token_id=processor.tokenizer.eos_token_id,
+                              suppress_token_ids=models.placeholder_token_ids(model, processor),
+                              **contrast_options)
         for name, row in zip(chunk, ids):
-            mentioned = seed.mentions(processor.tokenizer.decode(row, skip_special_tokens=True), object_names)
+            mentioned = seed.mentions(processor.tokenizer.decode(row, skip_special_tokens=True),
+                                      object_names)
             hallucinated = [o for o in mentioned if o not in objects_by_image[name]]
             mentioned_total += len(mentioned)
             hallucinated_total += len(hallucinated)
@@ -168,45 +184,53 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
     # under torchrun each process described every P-th batch: add the counts up
     mentioned_total, hallucinated_total, captions_with_any = (
         distributed.sum_value(n) for n in (mentioned_total, hallucinated_total, captions_with_any))
-    return {"chair_i": hallucinated_total / max(mentioned_total, 1), "chair_s": captions_with_any / len(names)}
+    return {"chair_i": hallucinated_total / max(mentioned_total, 1),
+            "chair_s": captions_with_any / len(names)}
 
 
 def format_results(results, splits):
-    """One table: per split F1 and yes-ratio (greedy) and F1 (sampled, mean ± std), then the side figures."""
+    """One table: per split F1 and yes-ratio (greedy) and F1 (sampled, mean ± std), then the side
+    figures."""
     methods = [m for m in METHODS if m in results]
     cell = 28  # F1 greedy (7) + yes-ratio (7) + F1 sampled (14)
-    head = f"{'POPE %':<16}" + "".join(f"{s:>{cell}}" for s in splits) + f"{'CHAIRi':>8}{'CHAIRs':>8}{'void':>8}{'cost':>6}"
-    sub = f"{'':<16}" + f"{'F1':>7}{'yes':>7}{'F1 sampled':>14}" * len(splits) + f"{'%':>8}{'%':>8}{'mass %':>8}{'x':>6}"
+    head = f"{'POPE %':<16}" + "".join(
+        f"{s:>{cell}}" for s in splits) + f"{'CHAIRi':>8}{'CHAIRs':>8}{'void':>8}{'cost':>6}"
+    sub = f"{'':<16}" + f"{'F1':>7}{'yes':>7}{'F1 sampled':>14}" * len(
+        splits) + f"{'%':>8}{'%':>8}{'mass %':>8}{'x':>6}"
     lines = [head, sub]
     base_cost = results["base"]["seconds_per_answer"]
     # The base model's void mass: the student before its first step, measured by each SEED run.
-    start_void = next((results[m]["void_mass_at_start"][0] for m in methods if results[m].get("void_mass_at_start")),
+    start_void = next((results[m]["void_mass_at_start"][0] for m in methods
+                       if results[m].get("void_mass_at_start")),
                       None)
     for m in methods:
         r = results[m]
         row = f"{METHODS[m]:<16}"
         for s in splits:
             g, sampled = r["greedy"][s], r["sample"][s]
-            row += f"{100 * g['f1']:>7.1f}{100 * g['yes_ratio']:>7.1f}{100 * sampled['f1']:>8.1f} ±{100 * sampled['f1_std']:>4.1f}"
+            row += f"{100 * g['f1']:>7.1f}{100 * g['yes_ratio']:>7.1f}"
+            row += f"{100 * sampled['f1']:>8.1f} ±{100 * sampled['f1_std']:>4.1f}"
         c = r.get("captions")
         row += f"{100 * c['chair_i']:>8.1f}{100 * c['chair_s']:>8.1f}" if c else f"{'-':>8}{'-':>8}"
         void = r["void_mass"][-1] if r.get("void_mass") else start_void if m == "base" else None
         row += f"{100 * void:>8.2f}" if void is not None else f"{'-':>8}"
         row += f"{r['seconds_per_answer'] / base_cost:>6.2f}"
         lines.append(row)
-    lines.append("F1 / yes: greedy decoding. F1 sampled: temperature 1, top-p 1, mean ± std over seeds. CHAIR: share of "
-                 "object mentions in held-out descriptions (i, every mention) / of descriptions (s) that are hallucinated.\nvoid mass: "
-                 "student probability on the purified teacher's voids (held-out SEED prompts; base = the student "
-                 "at step 0).\ncost: seconds per POPE answer relative to base (median of timed batches).")
+    lines.append("F1 / yes: greedy decoding. F1 sampled: temperature 1, top-p 1, mean ± std over "
+                 "seeds. CHAIR: share of object mentions in held-out descriptions (i, every "
+                 "mention) / of descriptions (s) that are hallucinated.\nvoid mass: student "
+                 "probability on the purified teacher's voids (held-out SEED prompts; base = the "
+                 "student at step 0).\ncost: seconds per POPE answer relative to base (median of "
+                 "timed batches).")
     return "\n".join(lines)
 
 
 @torch.no_grad()
-def held_out_void_mass(model, processor, images, examples, batch_size, alpha, beta, noise_step, noise_seed,
-                       recorded=False):
-    """Mean student probability on the purified teacher's void tokens, over held-out response positions:
-    the online teacher's (fresh noise), or with recorded=True the one recorded with each example.
-    Under torchrun each process measures every P-th batch and the sums are added up."""
+def held_out_void_mass(model, processor, images, examples, batch_size, alpha, beta, noise_step,
+                       noise_seed, recorded=False):
+    """Mean student probability on the purified teacher's void tokens, over held-out response
+    positions: the online teacher's (fresh noise), or with recorded=True the one recorded with each
+    example. Under torchrun each process measures every P-th batch and the sums are added up."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in distributed.batch_starts(len(examples), batch_size):
@@ -216,8 +240,10 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
             _, teacher, student = seed.recorded_seed_step(model, batch)
             mass = losses.sparse_void_mass(student, *teacher)
         else:
-            _, teacher, student = seed.seed_step(model, batch, "reverse", alpha=alpha, beta=beta, noise_step=noise_step,
-                                                 generator=decode.seeded_generator(noise_seed, 999_983 + start))
+            _, teacher, student = seed.seed_step(model, batch, "reverse", alpha=alpha, beta=beta,
+                                                 noise_step=noise_step,
+                                                 generator=decode.seeded_generator(noise_seed,
+                                                                                   999_983 + start))
             mass = losses.void_mass(student, teacher)
         total += mass.item() * student.shape[0]
         count += student.shape[0]
@@ -226,13 +252,15 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
 
 
 def measure(model, processor, data, answers_dir, config, contrast=False):
-    """One row of the table: POPE on every split (evaluate), and CHAIR on the toy world's captions."""
-    pope = evaluate(model, processor, data.pope_files, image_dir=data.image_dir, answers_dir=answers_dir,
-                    config=config, contrast=contrast)
+    """One row of the table: POPE on every split (evaluate), and CHAIR on the toy world's
+    captions."""
+    pope = evaluate(model, processor, data.pope_files, image_dir=data.image_dir,
+                    answers_dir=answers_dir, config=config, contrast=contrast)
     if data.world is not None:  # CHAIR needs the scenes' true contents
-        pope["captions"] = caption_hallucination(model, processor, data.image_dir, data.objects_by_image,
-                                                 data.object_names, contrast=contrast,
-                                                 **eval_pope.contrast_settings(config))
+        pope["captions"] = caption_hallucination(model, processor, data.image_dir,
+                                                 data.objects_by_image, data.object_names,
+                                                 contrast=contrast,
+                                                 **eval_pope.contrast_options(config))
     return pope
 
 
@@ -243,41 +271,49 @@ def prior_diagnostic(model, processor, data, config, results, say):
         return
     import toyworld
 
-    results["diagnostic"] = toyworld.diagnose(model, processor, data.world, noise_step=config.noise_step,
+    results["diagnostic"] = toyworld.diagnose(model, processor, data.world,
+                                              noise_step=config.noise_step,
                                               config=data.world_config)
     say(f"mean P(yes), clean -> distorted (k={config.noise_step}): " + ", ".join(
-        f"{group} {d['clean']:.2f} -> {d['distorted']:.2f}" for group, d in results["diagnostic"].items()))
+        f"{group} {d['clean']:.2f} -> {d['distorted']:.2f}"
+        for group, d in results["diagnostic"].items()))
 
 
 def partner_share(data, config, results, say):
-    """Toy world: the base model's greedy false positives, and the share of them that are partners of
-    present objects (where a language prior lives), per split."""
+    """Toy world: the base model's greedy false positives, and the share of them that are partners
+    of present objects (where a language prior lives), per split."""
     if data.world is None:
         return
     import toyworld
 
     for split in data.pope_files:
         share, base_rate, count = toyworld.false_positive_partners(
-            data.pope_files[split], os.path.join(config.out, "base", "answers", f"greedy_{split}_seed0.jsonl"),
+            data.pope_files[split],
+            os.path.join(config.out, "base", "answers", f"greedy_{split}_seed0.jsonl"),
             data.objects_by_image, data.world)
         results["diagnostic"][f"false_positive_partner_share_{split}"] = share
-        say(f"base, greedy, {split}: {count} false positives, {share:.0%} of them partners of present objects "
-            f"(partners are {base_rate:.0%} of the negatives)")
+        say(f"base, greedy, {split}: {count} false positives, {share:.0%} of them partners of "
+            f"present objects (partners are {base_rate:.0%} of the negatives)")
 
 
 def round_figures(history):
-    """Each round's held-out void mass at its start and end, and its final loss (the mean of its last 20
-    steps; a round finished before a --resume is replayed from its adapter and has no log)."""
+    """Each round's held-out void mass at its start and end, and its final loss (the mean of its
+    last 20 steps; a round finished before a --resume is replayed from its adapter and has no
+    log)."""
     return {"void_mass": [h["void_mass"] for h in history],
             "void_mass_at_start": [h["void_mass_at_start"] for h in history],
-            "final_loss": [statistics.mean(x["loss"] for x in h["log"][-20:]) for h in history if h["log"]]}
+            "final_loss": [statistics.mean(x["loss"] for x in h["log"][-20:]) for h in history
+                           if h["log"]]}
 
 
 def time_rows(model, processor, data, divergences, config, results):
-    """Every row's seconds per answer, on one freshly loaded copy of the weights (answer_costs), into results."""
+    """Every row's seconds per answer, on one freshly loaded copy of the weights (answer_costs),
+    into results."""
     rows = {"base": ({}, False), "vcd": ({}, True)}
-    for divergence in divergences:  # the merged SEED model: the base plus each round's adapter, merged
-        rounds = [os.path.join(config.out, f"seed_{divergence}", f"round{r}") for r in range(config.rounds)]
+    # the merged SEED model: the base plus each round's adapter, merged
+    for divergence in divergences:
+        rounds = [os.path.join(config.out, f"seed_{divergence}", f"round{r}")
+                  for r in range(config.rounds)]
         rows[f"seed_{divergence}"] = (merged_weights(model, rounds), False)
     if "seed_reverse" in rows:
         rows["seed_reverse_vcd"] = (rows["seed_reverse"][0], True)
@@ -290,5 +326,6 @@ def time_rows(model, processor, data, divergences, config, results):
 def show(results, data, out):
     """The table on stdout, results.png and scenes.png beside results.json in `out`."""
     print(format_results(results, list(data.pope_files)))
-    draw_pictures(results, list(data.pope_files), pope_files=data.pope_files, image_dir=data.image_dir, out=out)
+    draw_pictures(results, list(data.pope_files), pope_files=data.pope_files,
+                  image_dir=data.image_dir, out=out)
     print(f"\nall numbers: {os.path.join(out, 'results.json')}; pictures: results.png, scenes.png")

@@ -21,7 +21,8 @@ import distributed
 
 
 def write_json(path, value, **options):
-    """`value` as JSON in `path`, written to path + '.tmp' and renamed: never half a file under the name."""
+    """`value` as JSON in `path`, written to path + '.tmp' and renamed: never half a file under the
+    name."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(value, f, **options)
@@ -29,8 +30,8 @@ def write_json(path, value, **options):
 
 
 def replace_folder(tmp, path):
-    """Put the finished folder `tmp` in place of `path`: the old one renamed aside first (a rename is
-    atomic) and removed only once the new one is in place."""
+    """Put the finished folder `tmp` in place of `path`: the old one renamed aside first (a rename
+    is atomic) and removed only once the new one is in place."""
     if os.path.exists(path):
         os.replace(path, path + ".old")
     os.replace(tmp, path)
@@ -41,9 +42,9 @@ def replace_folder(tmp, path):
 # JSON-lines records, and what they were made with
 
 def json_lines(path):
-    """[(line number, record)] of a JSON-lines file, read only: blank lines skipped, every other line a
-    JSON object, else an error naming the file and the line. The file is never changed (scoring must
-    not alter what it scores)."""
+    """[(line number, record)] of a JSON-lines file, read only: blank lines skipped, every other
+    line a JSON object, else an error naming the file and the line. The file is never changed
+    (scoring must not alter what it scores)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     records = []
@@ -54,20 +55,22 @@ def json_lines(path):
             try:
                 record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
-                                 f"{error.start + 1})") from None
+                raise ValueError(f"{path}:{line_number}: not UTF-8 text (byte "
+                                 f"0x{raw[error.start]:02x} at column {error.start + 1})") from None
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{line_number}: not a JSON line ({error.msg} at column "
                                  f"{error.colno})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: a JSON {type(record).__name__}, not an object (a record)")
+                raise ValueError(f"{path}:{line_number}: a JSON {type(record).__name__}, not an "
+                                 f"object (a record)")
             records.append((line_number, record))
     return records
 
 
 def first_difference(made, wanted):
-    """(setting, recorded value, wanted value) of the first setting in which two made_with records differ
-    (nested dicts looked into; in the order of `wanted`, then what only `made` has), or None."""
+    """(setting, recorded value, wanted value) of the first setting in which two made_with records
+    differ (nested dicts looked into; in the order of `wanted`, then what only `made` has), or
+    None."""
     for key in list(wanted) + [k for k in made if k not in wanted]:
         old, new = made.get(key), wanted.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
@@ -81,7 +84,8 @@ def first_difference(made, wanted):
 
 def setting_name(key):
     """How a refusal names a made_with setting: as its flag, or by what it fingerprints."""
-    names = {"questions": "the question file (its sha256)", "run": "the run's settings (their sha256, run.json)"}
+    names = {"questions": "the question file (its sha256)",
+             "run": "the run's settings (their sha256, run.json)"}
     return names.get(key, "--" + key.replace("_", "-"))
 
 
@@ -100,32 +104,34 @@ def resume_records(path, made_with):
         keep = data.rfind(b"\n") + 1
         with open(path, "r+b") as f:
             f.truncate(keep)
-        print(f"{path}: cut a torn last line ({len(data) - keep} bytes, no newline): a crash mid-write; "
-              f"that line is made again", file=sys.stderr)
+        print(f"{path}: cut a torn last line ({len(data) - keep} bytes, no newline): a crash "
+              f"mid-write; that line is made again", file=sys.stderr)
     records = []
     for line_number, record in json_lines(path):
         made = record.pop("made_with", None)
         if made is None:
-            raise ValueError(f"{path}:{line_number}: the record does not say what it was made with (an older "
-                             f"version's file): delete the file, or write elsewhere")
+            raise ValueError(f"{path}:{line_number}: the record does not say what it was made with "
+                             f"(an older version's file): delete the file, or write elsewhere")
         difference = first_difference(made, made_with)
         if difference:
             key, old, new = difference
-            raise ValueError(f"{path}:{line_number}: made with {setting_name(key)} {old!r}, but this run has {new!r}: "
-                             f"rerun with the same settings, or write elsewhere (or delete the file)")
+            raise ValueError(f"{path}:{line_number}: made with {setting_name(key)} {old!r}, but "
+                             f"this run has {new!r}: rerun with the same settings, or write "
+                             f"elsewhere (or delete the file)")
         records.append(record)
     return records
 
 
-def decode_and_log(items, decode_batch, batch_size, path=None, made_with=None, offset=0, progress=False, desc=None,
-                   total=None):
-    """decode_batch(chunk, indices) -> records, over `items` a batch at a time; returns the records in order.
+def decode_and_log(items, decode_batch, batch_size, path=None, made_with=None, offset=0,
+                   progress=False, desc=None, total=None):
+    """decode_batch(chunk, indices) -> records, over `items` a batch at a time; returns the records
+    in order.
 
-    indices: each item's place, offset + its index in `items` (what seeds its noise, so an answer never
-    depends on the batch it fell in or on where a resumed run restarted). path: a JSON-lines file each
-    batch's records are appended to, with "made_with", fsynced before the next batch (a crash loses
-    nothing written). Under torchrun each process decodes one batch of every chunk of batch_size x
-    processes items, the records are gathered in order, and process 0 writes them.
+    indices: each item's place, offset + its index in `items` (what seeds its noise, so an answer
+    never depends on the batch it fell in or on where a resumed run restarted). path: a JSON-lines
+    file each batch's records are appended to, with "made_with", fsynced before the next batch (a
+    crash loses nothing written). Under torchrun each process decodes one batch of every chunk of
+    batch_size x processes items, the records are gathered in order, and process 0 writes them.
     """
     from tqdm import tqdm
 
@@ -137,14 +143,17 @@ def decode_and_log(items, decode_batch, batch_size, path=None, made_with=None, o
     try:
         for start in range(0, len(items), chunk_size):
             chunk = items[start:start + chunk_size]
-            first, stop = distributed.share(len(chunk), batch_size)
-            made = decode_batch(chunk[first:stop], [offset + start + first + j for j in range(stop - first)]) \
+            first, stop = distributed.process_slice(len(chunk), batch_size)
+            made = decode_batch(chunk[first:stop],
+                                [offset + start + first + j for j in range(stop - first)]) \
                 if first < stop else []
             made = distributed.gather(made)  # the whole chunk, in order, on every process
             if out is not None:
-                out.write("".join(json.dumps({**record, "made_with": made_with}) + "\n" for record in made))
+                out.write("".join(json.dumps({**record, "made_with": made_with}) + "\n"
+                                  for record in made))
                 out.flush()
-                os.fsync(out.fileno())  # a crash or Ctrl-C after this point loses nothing of this batch
+                # a crash or Ctrl-C after this point loses nothing of this batch
+                os.fsync(out.fileno())
             records += made
             bar.update(len(chunk))
     finally:
@@ -155,31 +164,36 @@ def decode_and_log(items, decode_batch, batch_size, path=None, made_with=None, o
 
 
 def read_examples_log(path, made_with):
-    """The records a stopped make_examples left in `path` (a torn last line cut), each with its number;
-    a record made with other settings than `made_with` is refused (resume_records)."""
+    """The records a stopped make_examples left in `path` (a torn last line cut), each with its
+    number; a record made with other settings than `made_with` is refused (resume_records)."""
     records = resume_records(path, made_with)
     return [{**record, "_record": n} for n, record in enumerate(records, 1)]
 
 
 def examples_log(path, made_with, batch_size, progress=False):
     """seed.make_examples' `answer` for a run: the purified answers appended to the examples log at
-    `path` as they are made, and a stopped run's records in it kept (each must be the very prompt this
-    run asks: the same kind, image and text), the rest decoded after them, split under torchrun."""
+    `path` as they are made, and a stopped run's records in it kept (each must be the very prompt
+    this run asks: the same kind, image and text), the rest decoded after them, split under
+    torchrun."""
     # process 0 reads (and cuts a torn last line), every process continues from the same record
-    left = distributed.broadcast(read_examples_log(path, made_with) if distributed.is_main() else None)
+    left = distributed.broadcast(read_examples_log(path, made_with) if distributed.is_main()
+                                 else None)
 
     def answer(prompts, decode_batch, kind):
         nonlocal left
         kept, left = left[:len(prompts)], left[len(prompts):]  # descriptions first, then probes
         for record, (index, text) in zip(kept, prompts):
-            if (record.get("kind"), record.get("image"), record.get("prompt")) != (kind, index, text):
-                raise ValueError(f"{path}: record {record['_record']} is {record.get('kind')} {record.get('prompt')!r} "
-                                 f"on image {record.get('image')}, but this run's is {kind} {text!r} on image {index}: "
-                                 f"the file was made with other images or settings (delete it, or run without "
+            if (record.get("kind"), record.get("image"), record.get("prompt")) != (kind, index,
+                                                                                   text):
+                raise ValueError(f"{path}: record {record['_record']} is {record.get('kind')} "
+                                 f"{record.get('prompt')!r} on image {record.get('image')}, but "
+                                 f"this run's is {kind} {text!r} on image {index}: the file was "
+                                 f"made with other images or settings (delete it, or run without "
                                  f"--resume)")
         kept = [{k: v for k, v in record.items() if k != "_record"} for record in kept]
-        return kept + decode_and_log(prompts[len(kept):], decode_batch, batch_size, path, made_with, offset=len(kept),
-                                     progress=progress, desc=f"purified {kind}s", total=len(prompts))
+        return kept + decode_and_log(prompts[len(kept):], decode_batch, batch_size, path, made_with,
+                                     offset=len(kept), progress=progress, desc=f"purified {kind}s",
+                                     total=len(prompts))
 
     return answer
 
@@ -188,7 +202,8 @@ def examples_log(path, made_with, batch_size, progress=False):
 # Checkpoints: adapter + optimiser + step, written atomically, no pickle
 
 def save_checkpoint(model, optimizer, path, round_index, step, made_with=None):
-    """The adapter, the optimiser moments (safetensors) and the step (progress.json), as one folder swapped in."""
+    """The adapter, the optimiser moments (safetensors) and the step (progress.json), as one folder
+    swapped in."""
     from safetensors.torch import save_file
 
     tmp = path + ".tmp"
@@ -203,7 +218,8 @@ def save_checkpoint(model, optimizer, path, round_index, step, made_with=None):
                 scalars[f"{key}.{name}"] = float(value)
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
     with open(os.path.join(tmp, "progress.json"), "w") as f:
-        json.dump({"round": round_index, "step": step, "scalars": scalars, "made_with": made_with}, f)
+        json.dump({"round": round_index, "step": step, "scalars": scalars, "made_with": made_with},
+                  f)
     replace_folder(tmp, path)
 
 
@@ -217,8 +233,10 @@ def load_checkpoint(model, optimizer, path):
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     state = optimizer.state_dict()
     for key in state["param_groups"][0]["params"]:
-        slots = {name.split(".", 1)[1]: value for name, value in tensors.items() if name.split(".", 1)[0] == str(key)}
-        slots.update({name.split(".", 1)[1]: torch.tensor(value) for name, value in progress["scalars"].items()
+        slots = {name.split(".", 1)[1]: value for name, value in tensors.items()
+                 if name.split(".", 1)[0] == str(key)}
+        slots.update({name.split(".", 1)[1]: torch.tensor(value)
+                      for name, value in progress["scalars"].items()
                       if name.split(".", 1)[0] == str(key)})
         if slots:
             state["state"][key] = slots
@@ -227,8 +245,8 @@ def load_checkpoint(model, optimizer, path):
 
 
 def resume_point(checkpoint, made_with=None):
-    """(round, step) to continue from, as the last checkpoint wrote them; (0, 0) without one. A checkpoint
-    written with other settings than `made_with` is refused, naming the setting."""
+    """(round, step) to continue from, as the last checkpoint wrote them; (0, 0) without one. A
+    checkpoint written with other settings than `made_with` is refused, naming the setting."""
     if not os.path.exists(os.path.join(checkpoint, "progress.json")):
         return 0, 0
     with open(os.path.join(checkpoint, "progress.json")) as f:
@@ -236,8 +254,8 @@ def resume_point(checkpoint, made_with=None):
     difference = first_difference(saved.get("made_with") or {}, made_with or {})
     if difference:
         key, old, new = difference
-        raise ValueError(f"{checkpoint}: written with {setting_name(key)} {old!r}, this run has {new!r}: "
-                         f"resume with the same settings, or start elsewhere")
+        raise ValueError(f"{checkpoint}: written with {setting_name(key)} {old!r}, this run has "
+                         f"{new!r}: resume with the same settings, or start elsewhere")
     return saved["round"], saved["step"]
 
 
@@ -249,31 +267,35 @@ def replay_round(model, round_dir):
         return {**json.load(f), "log": []}
 
 
-def finish_round(model, optimizer, round_dir, checkpoint, round_index, summary, write=True, made_with=None):
-    """Save the round's adapter (ours, and PEFT's format in <round_dir>/peft), its summary, mark the round
-    done in the checkpoint, merge (METHOD.md 4). Round r's adapter applies to the model merged with
-    rounds 0..r-1 (round 0's: to the base checkpoint). write=False (processes other than 0 under
-    torchrun): merge only."""
+def finish_round(model, optimizer, round_dir, checkpoint, round_index, summary, write=True,
+                 made_with=None):
+    """Save the round's adapter (ours, and PEFT's format in <round_dir>/peft), its summary, mark the
+    round done in the checkpoint, merge (METHOD.md 4). Round r's adapter applies to the model merged
+    with rounds 0..r-1 (round 0's: to the base checkpoint). write=False (processes other than 0
+    under torchrun): merge only."""
     if write:
         adapter.save_adapter(model, round_dir)
         adapter.save_peft_adapter(model, os.path.join(round_dir, "peft"),
-                                  base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None)
+                                  base_model_name_or_path=getattr(model.config, "_name_or_path",
+                                                                  None) or None)
         write_json(os.path.join(round_dir, "summary.json"), summary)
-        save_checkpoint(model, optimizer, checkpoint, round_index=round_index + 1, step=0, made_with=made_with)
+        save_checkpoint(model, optimizer, checkpoint, round_index=round_index + 1, step=0,
+                        made_with=made_with)
     adapter.merge_adapter(model)  # the merged model is the next round's teacher
 
 
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
-                   "chat_template.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json",
+                   "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+                   "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "added_tokens.json", "special_tokens_map.json")
 
 
 def save_merged(model, processor, path):
     """The merged model as an ordinary checkpoint in <path>, loadable anywhere with
     AutoModelForImageTextToText / AutoProcessor.from_pretrained: the weights by save_pretrained, and
-    the processor, which SEED leaves as it was, as the files of the folder the model came from
-    (byte for byte, the video processor's settings among them), else by processor.save_pretrained.
-    Written into <path>.tmp and renamed, so a crash never leaves half a checkpoint under the name."""
+    the processor, which SEED leaves as it was, as the files of the folder the model came from (byte
+    for byte, the video processor's settings among them), else by processor.save_pretrained. Written
+    into <path>.tmp and renamed, so a crash never leaves half a checkpoint under the name."""
     if adapter.adapter_layers(model):
         raise ValueError("the model still has an adapter: adapter.merge_adapter(model) first")
     tmp = path + ".tmp"

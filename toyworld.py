@@ -1,4 +1,5 @@
-"""A built-in synthetic world in which a tiny *real* LLaVA hallucinates objects the way big LVLMs do.
+"""A built-in synthetic world in which a tiny *real* LLaVA hallucinates objects the way big LVLMs
+do.
 
 Not from the paper: this is our stand-in for LLaVA-1.5 + COCO, so that `python train.py` shows
 SEED's effect on a CPU in minutes (it is to SEED what Shakespeare-char is to nanoGPT).
@@ -40,19 +41,19 @@ import purge
 # ---------------------------------------------------------------------------------------------
 # The world: classes, glyphs, frequencies, partners
 
-NAMES = ["cat", "dog", "bird", "fish", "tree", "car", "boat", "cup", "ball", "book", "lamp", "chair",
-         "clock", "shoe", "hat", "kite", "bell", "key", "apple", "drum"]
+NAMES = ["cat", "dog", "bird", "fish", "tree", "car", "boat", "cup", "ball", "book", "lamp",
+         "chair", "clock", "shoe", "hat", "kite", "bell", "key", "apple", "drum"]
 SHAPES = ["square", "circle", "triangle", "cross", "diamond"]
-COLOURS = {"red": (225, 45, 45), "green": (40, 185, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
-           "white": (240, 240, 240)}
+COLOURS = {"red": (225, 45, 45), "green": (40, 185, 60), "blue": (50, 90, 235),
+           "yellow": (235, 215, 40), "white": (240, 240, 240)}
 BACKGROUND = (70, 70, 70)
 DESCRIBE = "Describe the image."
 # The distortion step for this world's images (train.py's default here; VCD's 500 on real photos).
 # At k = 500 a pixel keeps 74 % of its signal's variance (abar_500 = 0.74) and flat 32-pixel glyphs
 # stay legible: with a logit written as prior plus evidence, z = P + e, the distorted one keeps most
-# of the evidence (z' = P + lambda e, lambda near 1), so the contrast c = 2z - z' = P + (2 - lambda) e
-# hardly moves an answer. At k = 700 (abar = 0.35) less evidence survives, and VCD's own greedy gain
-# on popular / adversarial rises from +0.7..+3.6 to +2.2..+4.1 F1 (worlds 0-6).
+# of the evidence (z' = P + lambda e, lambda near 1), so the contrast c = 2z - z' = P + (2 - lambda)
+# e hardly moves an answer. At k = 700 (abar = 0.35) less evidence survives, and VCD's own greedy
+# gain on popular / adversarial rises from +0.7..+3.6 to +2.2..+4.1 F1 (worlds 0-6).
 NOISE_STEP = 700
 
 
@@ -64,15 +65,18 @@ class WorldConfig:
     image_size: int = 32        # pixels; the vision tower's resolution
     partner_rate: float = 0.6   # P(an object's partner is drawn beside it)
     mention_rate: float = 0.7   # P(an undrawn partner is mentioned anyway): the hallucination habit
-    asked_present_rate: float = 0.8  # P(a yes/no training question asks about an object that is there)
+    # P(a yes/no training question asks about an object that is there)
+    asked_present_rate: float = 0.8
     contrast: float = 0.5       # large glyphs: colour blended this far from the background
     small_contrast: float = 0.6  # small glyphs: colour strength of the partners drawn small
     small_radius: float = 0.18  # radius of a small (partner) glyph, as a share of its grid cell
     noisy_share: float = 0.2    # share of pretraining images shown with diffusion noise
-    noise_low: int = 800        # their noise steps, noise_low..noise_high - 1: heavy noise that hides the
-    noise_high: int = 1000      # small partners, so the model learns to fall back on its prior there
-    train_scenes: int = 4000    # distinct pretraining images
-    steps: int = 2400           # pretraining steps
+    # their noise steps, noise_low..noise_high - 1: heavy noise that hides the small partners, so
+    # the model learns to fall back on its prior there distinct pretraining images pretraining steps
+    noise_low: int = 800
+    noise_high: int = 1000
+    train_scenes: int = 4000
+    steps: int = 2400
     batch_size: int = 64
     lr: float = 1.5e-3          # higher rates can stall on a text-only plateau in some worlds
     seed: int = 0               # pretraining seed (init, batches, noise)
@@ -94,7 +98,8 @@ def make_world(world_seed=0, n_classes=16):
     partner = {}
     for a, b in zip(order[0::2], order[1::2]):
         partner[a], partner[b] = b, a
-    return {"names": names, "glyphs": dict(zip(names, glyphs)), "frequency": frequency, "partner": partner}
+    return {"names": names, "glyphs": dict(zip(names, glyphs)), "frequency": frequency,
+            "partner": partner}
 
 
 def sample_scene(world, rng, partner_rate=0.6, min_objects=1):
@@ -119,7 +124,8 @@ def sample_scene(world, rng, partner_rate=0.6, min_objects=1):
 
 
 def render(scene, world, config=None):
-    """Draw the scene with pillow: each glyph in its grid cell, large or small, at the config's contrast."""
+    """Draw the scene with pillow: each glyph in its grid cell, large or small, at the config's
+    contrast."""
     from PIL import Image, ImageDraw
 
     config = config or WorldConfig()
@@ -140,9 +146,11 @@ def render(scene, world, config=None):
         elif shape == "circle":
             draw.ellipse(box, fill=fill)
         elif shape == "triangle":
-            draw.polygon([(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)], fill=fill)
+            draw.polygon([(cx, cy - radius), (cx + radius, cy + radius),
+                          (cx - radius, cy + radius)], fill=fill)
         elif shape == "diamond":
-            draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=fill)
+            draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius),
+                          (cx - radius, cy)], fill=fill)
         else:  # cross
             bar = radius / 2.5
             draw.rectangle([cx - radius, cy - bar, cx + radius, cy + bar], fill=fill)
@@ -193,26 +201,30 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'user' %}USER: "
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s> {% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    "{% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s> {% "
+    "endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-WORDS = (["user", "assistant", ":", "?", ".", ",", "is", "there", "a", "an", "in", "the", "image", "yes", "no",
-          "please", "answer", "this", "question", "with", "one", "word", "describe", "and"] + NAMES)
+WORDS = (["user", "assistant", ":", "?", ".", ",", "is", "there", "a", "an", "in", "the", "image",
+          "yes", "no", "please", "answer", "this", "question", "with", "one", "word", "describe",
+          "and"] + NAMES)
 
 
 def make_tokenizer():
-    """A word-level tokenizer over the world's words, built locally with `tokenizers` (no download)."""
+    """A word-level tokenizer over the world's words, built locally with `tokenizers` (no
+    download)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>",
+                                   extra_special_tokens={"image_token": "<image>"})
 
 
 def make_processor(image_size=32, patch_size=8):
@@ -223,25 +235,26 @@ def make_processor(image_size=32, patch_size=8):
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
                                             crop_size={"height": image_size, "width": image_size},
                                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=make_tokenizer(), patch_size=patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=make_tokenizer(),
+                               patch_size=patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     return processor
 
 
 def make_model(tokenizer, image_size=32, patch_size=8, seed=0):
     """A tiny LlavaForConditionalGeneration (CLIP vision tower + Llama decoder) from a config."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
 
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=64,
-                                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                       projection_dim=64),
+                                       intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, projection_dim=64),
         text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256,
                                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
                                 max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                tie_word_embeddings=False),
+                                bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
         vision_feature_select_strategy="default", projector_hidden_act="gelu")
     torch.manual_seed(seed)
@@ -251,18 +264,21 @@ def make_model(tokenizer, image_size=32, patch_size=8, seed=0):
 # ---------------------------------------------------------------------------------------------
 # Pretraining: the base model that SEED will correct
 
-_PROMPT_IDS = {}  # (processor, text) -> ids: pretraining reuses a handful of prompts thousands of times
+# (processor, text) -> ids: pretraining reuses a handful of prompts thousands of times
+_PROMPT_IDS = {}
 
 
 def prompt_ids(processor, text):
-    """Token ids of the templated prompt for `text`, the image placeholder expanded as the processor does."""
+    """Token ids of the templated prompt for `text`, the image placeholder expanded as the processor
+    does."""
     key = (id(processor), text)
     if key not in _PROMPT_IDS:
         from PIL import Image
 
         size = processor.image_processor.crop_size["height"]
         blank = Image.new("RGB", (size, size))
-        _PROMPT_IDS[key] = processor(images=[blank], text=[models.chat_prompt(processor, text)]).input_ids[0]
+        _PROMPT_IDS[key] = processor(images=[blank],
+                                     text=[models.chat_prompt(processor, text)]).input_ids[0]
     return _PROMPT_IDS[key]
 
 
@@ -271,7 +287,8 @@ def response_ids(tokenizer, text):
 
 
 def collate(sequences, pad_id):
-    """Right-pad (prompt ids, response ids) pairs: input_ids, attention_mask, labels (-100 off the response)."""
+    """Right-pad (prompt ids, response ids) pairs: input_ids, attention_mask, labels (-100 off the
+    response)."""
     length = max(len(p) + len(r) for p, r in sequences)
     input_ids = torch.full((len(sequences), length), pad_id)
     labels = torch.full((len(sequences), length), -100)
@@ -294,8 +311,8 @@ def training_batches(world, config, processor):
     rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     scenes = [sample_scene(world, rng, config.partner_rate) for _ in range(config.train_scenes)]
-    # scene index -> (3, H, W), rendered when a batch first needs it: training_fingerprint reads a few
-    # batches, not all 4,000 scenes
+    # scene index -> (3, H, W), rendered when a batch first needs it: training_fingerprint reads a
+    # few batches, not all 4,000 scenes
     pixel_values = {}
     tokenizer = processor.tokenizer
     for _ in range(config.steps):
@@ -313,7 +330,8 @@ def training_batches(world, config, processor):
             else:
                 name, answer = probe(scenes[index], world, rng, mention_rate=config.mention_rate,
                                      asked_present_rate=config.asked_present_rate)
-                sequences.append((prompt_ids(processor, eval_pope.question_for(name) + eval_pope.PROMPT_SUFFIX),
+                sequences.append((prompt_ids(processor, eval_pope.question_for(name)
+                                             + eval_pope.PROMPT_SUFFIX),
                                   response_ids(tokenizer, answer)))
         input_ids, attention_mask, labels = collate(sequences, tokenizer.pad_token_id)
         pixels = torch.stack([pixel_values[i] for i in batch])
@@ -322,24 +340,27 @@ def training_batches(world, config, processor):
         noisy = torch.rand(len(batch), generator=generator) < config.noisy_share
         noise_steps = [None] * len(batch)
         for i in noisy.nonzero().flatten().tolist():
-            noise_steps[i] = int(torch.randint(config.noise_low, config.noise_high, (1,), generator=generator))
+            noise_steps[i] = int(
+                torch.randint(config.noise_low, config.noise_high, (1,), generator=generator))
             pixels[i] = purge.distort(pixels[i], noise_steps[i], generator)
-        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixels,
-               "noise_steps": noise_steps}
+        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+               "pixel_values": pixels, "noise_steps": noise_steps}
 
 
 def training_fingerprint(world, config, processor, n_batches=4):
-    """sha256 of what pretraining is shown: the world, and the first batches' tokens, labels, noise steps
-    and clean pixels (as the 0..255 values they were drawn with).
+    """sha256 of what pretraining is shown: the world, and the first batches' tokens, labels, noise
+    steps and clean pixels (as the 0..255 values they were drawn with).
 
     Integer data only, so it is the same on every machine, while any change to the world's code
     (scenes, renderer, text habits, tokenizer, prompts) changes it: a checkpoint records the
-    fingerprint it was trained on, and one whose fingerprint the current code does not give is stale.
+    fingerprint it was trained on, and one whose fingerprint the current code does not give is
+    stale.
     """
     digest = hashlib.sha256(json.dumps(world, sort_keys=True).encode())
     for _, batch in zip(range(n_batches), training_batches(world, config, processor)):
         clean = torch.tensor([step is None for step in batch["noise_steps"]])
-        # pixels were normalised as v / 127.5 - 1 from integers v: floor((x + 1) * 127.5 + 0.5) gives v back
+        # pixels were normalised as v / 127.5 - 1 from integers v: floor((x + 1) * 127.5 + 0.5)
+        # gives v back
         levels = ((batch["pixel_values"][clean] + 1) * 127.5 + 0.5).floor().to(torch.int16)
         for tensor in (batch["input_ids"], batch["attention_mask"], batch["labels"], levels):
             digest.update(tensor.numpy().tobytes())
@@ -354,15 +375,20 @@ def pretrain(model, processor, world, config, progress=True):
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device  # batches are built on the CPU and moved there
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01,
+                                  betas=(0.9, 0.98))
     warmup = max(1, config.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / config.steps))))
-    bar = tqdm(training_batches(world, config, processor), total=config.steps, desc="pretraining the toy LLaVA",
-               disable=not progress)
+    def warmup_cosine(s):
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps)))
+        return min(1.0, (s + 1) / warmup) * cosine
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+    bar = tqdm(training_batches(world, config, processor), total=config.steps,
+               desc="pretraining the toy LLaVA", disable=not progress)
     for batch in bar:
-        loss = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                     pixel_values=batch["pixel_values"].to(device), labels=batch["labels"].to(device)).loss
+        loss = model(input_ids=batch["input_ids"].to(device),
+                     attention_mask=batch["attention_mask"].to(device),
+                     pixel_values=batch["pixel_values"].to(device),
+                     labels=batch["labels"].to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -377,7 +403,8 @@ def pretrain(model, processor, world, config, progress=True):
 # Held-out evaluation data and unlabeled images for SEED
 
 def write_eval_set(world, out_dir, n_images=150, seed=10_000, config=None):
-    """Held-out scenes (>= 3 objects, as POPE needs) as PNGs, their true contents, and the three POPE files.
+    """Held-out scenes (>= 3 objects, as POPE needs) as PNGs, their true contents, and the three
+    POPE files.
 
     Labels come from the scenes themselves, never from the noisy training text.
     """
@@ -392,8 +419,8 @@ def write_eval_set(world, out_dir, n_images=150, seed=10_000, config=None):
         objects[name] = scene_objects(scene)
     with open(os.path.join(out_dir, "objects.json"), "w") as f:
         json.dump(objects, f, indent=1)
-    # popular / adversarial negatives follow the frequencies and co-occurrences of this annotated set,
-    # as POPE's do on COCO.
+    # popular / adversarial negatives follow the frequencies and co-occurrences of this annotated
+    # set, as POPE's do on COCO.
     files = {}
     for split in eval_pope.SPLITS:
         files[split] = os.path.join(out_dir, f"toy_pope_{split}.json")
@@ -402,11 +429,8 @@ def write_eval_set(world, out_dir, n_images=150, seed=10_000, config=None):
 
 
 def unlabeled_images(world, n_images, seed=20_000, config=None, min_objects=3):
-    """Fresh scenes for SEED, as PIL images only: the scene contents are never returned.
-
-    Drawn like the POPE images (at least three objects, as POPE picks its COCO images), the way one
-    would pick unlabeled photos of busy scenes for SEED; nothing about a scene reaches SEED but pixels.
-    """
+    """Fresh scenes for SEED with at least three objects (as POPE's COCO images), as PIL images
+    only: nothing about a scene reaches SEED but pixels."""
     config = config or WorldConfig()
     rng = random.Random(seed)
     return [render(sample_scene(world, rng, config.partner_rate, min_objects), world, config)
@@ -415,11 +439,14 @@ def unlabeled_images(world, n_images, seed=20_000, config=None, min_objects=3):
 
 @torch.no_grad()
 def yes_probability(model, processor, images, names, noise_step=None, seed=0):
-    """P('yes') / (P('yes') + P('no')) for 'Is there a {name}?' on each image, optionally distorted."""
+    """P('yes') / (P('yes') + P('no')) for 'Is there a {name}?' on each image, optionally
+    distorted."""
     tokenizer = processor.tokenizer
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
-    inputs = models.prompt_batch(processor, images, [eval_pope.question_for(n) + eval_pope.PROMPT_SUFFIX
-                                                     for n in names], next(model.parameters()).device)
+    inputs = models.prompt_batch(processor, images,
+                                 [eval_pope.question_for(n) + eval_pope.PROMPT_SUFFIX
+                                  for n in names],
+                                 next(model.parameters()).device)
     pixels = inputs["pixel_values"]
     if noise_step is not None:
         pixels = purge.distort(pixels, noise_step, torch.Generator().manual_seed(seed))
@@ -428,7 +455,8 @@ def yes_probability(model, processor, images, names, noise_step=None, seed=0):
     return torch.softmax(logits[:, [yes, no]], dim=-1)[:, 0]
 
 
-def diagnose(model, processor, world, n_images=200, seed=30_000, noise_step=NOISE_STEP, config=None):
+def diagnose(model, processor, world, n_images=200, seed=30_000, noise_step=NOISE_STEP,
+             config=None):
     """Mean P(yes) on clean vs distorted images for objects truly there and for absent partners.
 
     The contrast works if distortion lowers P(yes) on real objects far more than on hallucinated
@@ -443,17 +471,20 @@ def diagnose(model, processor, world, n_images=200, seed=30_000, noise_step=NOIS
         groups["present"][0].append(image), groups["present"][1].append(rng.choice(present))
         partners = [world["partner"][n] for n in present if world["partner"][n] not in present]
         if partners:
-            groups["absent partner"][0].append(image), groups["absent partner"][1].append(rng.choice(partners))
+            groups["absent partner"][0].append(image), groups["absent partner"][1].append(
+                rng.choice(partners))
     result = {}
     for group, (images, names) in groups.items():
         clean = yes_probability(model, processor, images, names).mean().item()
-        distorted = yes_probability(model, processor, images, names, noise_step=noise_step, seed=seed).mean().item()
+        distorted = yes_probability(model, processor, images, names, noise_step=noise_step,
+                                    seed=seed).mean().item()
         result[group] = {"clean": clean, "distorted": distorted, "n": len(names)}
     return result
 
 
 def false_positive_partners(question_file, answer_file, objects_by_image, world):
-    """(share of false positives that are partners of present objects, same share among all negatives, count).
+    """(share of false positives that are partners of present objects, same share among all
+    negatives, count).
 
     The first far above the second means the hallucinations follow the partner habit of the text.
     """
@@ -467,14 +498,15 @@ def false_positive_partners(question_file, answer_file, objects_by_image, world)
         is_partner = name in {world["partner"][o] for o in objects_by_image[q["image"]]}
         said_yes = eval_pope.parse_answer(answer["text"]) == "yes"
         negatives, partner_negatives = negatives + 1, partner_negatives + is_partner
-        false_positives, partner_false_positives = false_positives + said_yes, partner_false_positives + (
-            said_yes and is_partner)
-    return (partner_false_positives / max(false_positives, 1), partner_negatives / max(negatives, 1),
-            false_positives)
+        false_positives += said_yes
+        partner_false_positives += said_yes and is_partner
+    return (partner_false_positives / max(false_positives, 1),
+            partner_negatives / max(negatives, 1), false_positives)
 
 
 # ---------------------------------------------------------------------------------------------
-# The shipped base model and the cache: build once, then reload with from_pretrained like a checkpoint
+# The shipped base model and the cache: build once, then reload with from_pretrained like a
+# checkpoint
 
 CACHE_VERSION = 2  # bump when a change to the *training* (optimiser, schedule) changes the model
 # The default world's pretrained base model ships with the repository, so `python train.py` starts
@@ -485,19 +517,24 @@ _KEYS = {}
 
 
 def world_key(config):
-    """The name of what `config` trains with the current code: settings, architecture and data stream.
+    """The name of what `config` trains with the current code: settings, architecture and data
+    stream.
 
     The fingerprint covers the world's code (scenes, renderer, text, tokenizer, model config), so a
-    change there gives a new key instead of reusing a stale checkpoint; CACHE_VERSION covers the rest.
+    change there gives a new key instead of reusing a stale checkpoint; CACHE_VERSION covers the
+    rest.
     """
     settings = json.dumps(asdict(config), sort_keys=True)
     if settings not in _KEYS:
         processor = make_processor(config.image_size)
         architecture = make_model(processor.tokenizer, config.image_size).config.to_dict()
         architecture.pop("transformers_version", None)
-        fingerprint = training_fingerprint(make_world(config.world_seed, config.n_classes), config, processor)
-        _KEYS[settings] = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "config": asdict(config),
-                                                     "architecture": architecture, "data": fingerprint},
+        fingerprint = training_fingerprint(make_world(config.world_seed, config.n_classes), config,
+                                           processor)
+        _KEYS[settings] = hashlib.sha256(json.dumps({"version": CACHE_VERSION,
+                                                     "config": asdict(config),
+                                                     "architecture": architecture,
+                                                     "data": fingerprint},
                                                     sort_keys=True).encode()).hexdigest()[:16]
     return _KEYS[settings]
 
@@ -526,7 +563,8 @@ def _publish(tmp, final):
     complete = os.path.join(final, "COMPLETE")
     with open(os.path.join(tmp, "COMPLETE"), "w") as f:
         f.write("ok\n")
-    if os.path.exists(final) and not os.path.exists(complete):  # a crashed run's leftover, never trusted
+    # a crashed run's leftover, never trusted
+    if os.path.exists(final) and not os.path.exists(complete):
         shutil.rmtree(final)
     try:
         os.replace(tmp, final)  # fails if another run's folder is already there
@@ -548,7 +586,8 @@ def build(config=None, progress=True, shipped=True):
     if shipped and config == WorldConfig():
         if recorded_key(SHIPPED) == world_key(config):
             return SHIPPED, world
-        print(f"{SHIPPED} was not built by this code's WorldConfig(): pretraining the default world instead")
+        print(f"{SHIPPED} was not built by this code's WorldConfig(): pretraining the default "
+              f"world instead")
     final = cache_dir(config)
     if os.path.exists(os.path.join(final, "COMPLETE")):
         return final, world
@@ -562,8 +601,8 @@ def build(config=None, progress=True, shipped=True):
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "world.json"), "w") as f:
-        json.dump({"key": world_key(config), "cache_version": CACHE_VERSION, "config": asdict(config),
-                   "world": world, "pretrain_seconds": round(seconds, 1),
+        json.dump({"key": world_key(config), "cache_version": CACHE_VERSION,
+                   "config": asdict(config), "world": world, "pretrain_seconds": round(seconds, 1),
                    "pretrain_steps_per_second": round(config.steps / seconds, 2),
                    "torch_threads": torch.get_num_threads()}, f, indent=1)
     _publish(tmp, final)
@@ -575,7 +614,8 @@ def ship(progress=True):
     folder, _ = build(WorldConfig(), progress, shipped=False)
     tmp = f"{SHIPPED}.tmp-{os.getpid()}"
     shutil.copytree(folder, tmp)
-    os.remove(os.path.join(tmp, "COMPLETE"))  # the repository's copy needs no marker: its key says what it is
+    # the repository's copy needs no marker: its key says what it is
+    os.remove(os.path.join(tmp, "COMPLETE"))
     if os.path.exists(SHIPPED):
         shutil.rmtree(SHIPPED)
     os.replace(tmp, SHIPPED)
@@ -600,27 +640,33 @@ def eval_set(n_images, world, config=None):
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Build (or reload) the toy world's LLaVA and show why the contrast works.")
-    parser.add_argument("--world-seed", type=int, default=0, help="which world (classes, glyphs, partners)")
-    parser.add_argument("--noise-step", type=int, default=NOISE_STEP, help="diffusion step of the distortion (0..999)")
-    parser.add_argument("--ship", action="store_true", help=f"pretrain the default world here and write it to {SHIPPED}")
+    parser = argparse.ArgumentParser(
+        description="Build (or reload) the toy world's LLaVA and show why the contrast works.")
+    parser.add_argument("--world-seed", type=int, default=0,
+                        help="which world (classes, glyphs, partners)")
+    parser.add_argument("--noise-step", type=int, default=NOISE_STEP,
+                        help="diffusion step of the distortion (0..999)")
+    parser.add_argument("--ship", action="store_true",
+                        help=f"pretrain the default world here and write it to {SHIPPED}")
     args = parser.parse_args()
     if not 0 <= args.noise_step < purge.NUM_DIFFUSION_STEPS:  # before the model loads, in one line
-        parser.exit(2, f"{parser.prog}: error: --noise-step must be in 0..{purge.NUM_DIFFUSION_STEPS - 1}, "
-                       f"got {args.noise_step}\n")
+        parser.exit(2, f"{parser.prog}: error: --noise-step must be in "
+                       f"0..{purge.NUM_DIFFUSION_STEPS - 1}, got {args.noise_step}\n")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     world_config = WorldConfig(world_seed=args.world_seed)
     if args.ship:
         if world_config != WorldConfig():
-            parser.exit(2, f"{parser.prog}: error: --ship writes the default world only (no --world-seed)\n")
-        print(f"--ship: pretraining the default world ({world_config.steps} steps, minutes on a CPU), then "
-              f"replacing {SHIPPED}/ (tracked by git: `git checkout {os.path.basename(SHIPPED)}` brings it back)",
-              flush=True)
+            parser.exit(2, f"{parser.prog}: error: --ship writes the default world only (no "
+                           f"--world-seed)\n")
+        print(f"--ship: pretraining the default world ({world_config.steps} steps, minutes on a "
+              f"CPU), then replacing {SHIPPED}/ (tracked by git: `git checkout "
+              f"{os.path.basename(SHIPPED)}` brings it back)", flush=True)
         ship()
     path, world = build(world_config)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     print(f"checkpoint: {path}")
-    for group, d in diagnose(model, AutoProcessor.from_pretrained(path), world, noise_step=args.noise_step,
-                             config=world_config).items():
-        print(f"mean P(yes) on {group:<15} clean {d['clean']:.2f}  distorted {d['distorted']:.2f}  ({d['n']} probes)")
+    for group, d in diagnose(model, AutoProcessor.from_pretrained(path), world,
+                             noise_step=args.noise_step, config=world_config).items():
+        print(f"mean P(yes) on {group:<15} clean {d['clean']:.2f}  distorted {d['distorted']:.2f}  "
+              f"({d['n']} probes)")

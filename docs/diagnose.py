@@ -1,4 +1,5 @@
-"""Where a SEED student falls short of its teacher: fit, generalisation or transfer (toy-world runs).
+"""Where a SEED student falls short of its teacher: fit, generalisation or transfer (toy-world
+runs).
 
     python docs/diagnose.py out/          # a finished `python train.py` run (its results.json and folders)
 
@@ -32,23 +33,24 @@ import toyworld  # noqa: E402
 
 
 def run_examples(out, config, model, processor, images, object_names):
-    """Round 0's reverse-KL examples as self_evolve made them: make_examples over the run's examples log,
-    which holds every answer (nothing is decoded again; a log made with other settings is refused)."""
-    contrast = eval_pope.contrast_settings(config)
+    """Round 0's reverse-KL examples as self_evolve made them: make_examples over the run's examples
+    log, which holds every answer (nothing is decoded again; a log made with other settings is
+    refused)."""
     settings = dict(probes_per_image=config.probes_per_image, description=toyworld.DESCRIBE,
-                    max_new_tokens=config.description_tokens, seed=config.seed, **contrast)
+                    max_new_tokens=config.description_tokens, random_seed=config.seed,
+                    **eval_pope.contrast_options(config))
     made_with = {**seed.example_settings(images, **settings), "run": cli.run_fingerprint(config),
                  "divergence": "reverse", "round": 0}
-    answer = runs.examples_log(os.path.join(out, "seed_reverse", "round0", "examples.jsonl"), made_with,
-                               batch_size=config.batch_size)
-    return seed.make_examples(model, processor, images, object_names, batch_size=config.batch_size, answer=answer,
-                              **settings)
+    answer = runs.examples_log(os.path.join(out, "seed_reverse", "round0", "examples.jsonl"),
+                               made_with, batch_size=config.batch_size)
+    return seed.make_examples(model, processor, images, object_names, batch_size=config.batch_size,
+                              answer=answer, **settings)
 
 
 @torch.no_grad()
 def first_answers(model, processor, images, examples, batch_size=32):
-    """(the model's top first answer token on each probe, the recorded teacher's, mean reverse KL per
-    response position over all the examples)."""
+    """(the model's top first answer token on each probe, the recorded teacher's, mean reverse KL
+    per response position over all the examples)."""
     model_top, teacher_top = [], []
     kl_sum = positions = 0.0
     for start in range(0, len(examples), batch_size):
@@ -67,7 +69,8 @@ def first_answers(model, processor, images, examples, batch_size=32):
 
 
 def changes_taken(base_top, student_top, teacher_top):
-    """(probes the teacher answers otherwise than the base, of them the student answers as the teacher)."""
+    """(probes the teacher answers otherwise than the base, of them the student answers as the
+    teacher)."""
     changed = [i for i, (b, t) in enumerate(zip(base_top, teacher_top)) if b != t]
     return len(changed), sum(student_top[i] == teacher_top[i] for i in changed)
 
@@ -77,16 +80,18 @@ def yes(record):
 
 
 def transfer(out, method, split):
-    """On POPE's greedy answers: (VCD's changes, of them right, the student's same changes, the student's
-    other changes, of them right)."""
-    read = lambda m, name: [json.loads(line) for line in open(os.path.join(out, m, "answers", name))]
+    """On POPE's greedy answers: (VCD's changes, of them right, the student's same changes, the
+    student's other changes, of them right)."""
+    read = lambda m, name: [json.loads(line)
+                            for line in open(os.path.join(out, m, "answers", name))]
     base = read("base", f"greedy_{split}_seed0.jsonl")
     vcd = read("vcd", f"vcd-greedy_{split}_seed0.jsonl")
     student = read(method, f"greedy_{split}_seed0.jsonl")
     truth = [b["label"] == "yes" for b in base]
     changed = [i for i in range(len(base)) if yes(base[i]) != yes(vcd[i])]
     taken = [i for i in changed if yes(student[i]) == yes(vcd[i])]
-    own = [i for i in range(len(base)) if yes(base[i]) == yes(vcd[i]) and yes(student[i]) != yes(base[i])]
+    own = [i for i in range(len(base)) if yes(base[i]) == yes(vcd[i])
+           and yes(student[i]) != yes(base[i])]
     right = lambda indices, answers: sum(yes(answers[i]) == truth[i] for i in indices)
     return len(changed), right(changed, vcd), len(taken), len(own), right(own, student)
 
@@ -95,26 +100,30 @@ def main(out):
     config = cli.Config(**json.load(open(os.path.join(out, "results.json")))["config"])
     world_config = toyworld.WorldConfig(world_seed=config.world_seed, steps=config.pretrain_steps)
     model_path, world = toyworld.build(world_config, progress=False, shipped=config.shipped_base)
-    images = toyworld.unlabeled_images(world, config.unlabeled, seed=config.seed + 20_000, config=world_config)
+    images = toyworld.unlabeled_images(world, config.unlabeled, seed=config.seed + 20_000,
+                                       config=world_config)
     base, processor = models.load_model(model_path)
     examples = run_examples(out, config, base, processor, images, list(world["names"]))
     trained, held_out = seed.hold_out(examples, config.batch_size)
     print(f"world {config.world_seed}, {len(trained)} training examples, {len(held_out)} held out")
     tops = {}
-    for name, path in (("base", model_path), ("student", os.path.join(out, "seed_reverse", "merged"))):
+    for name, path in (("base", model_path),
+                       ("student", os.path.join(out, "seed_reverse", "merged"))):
         model, processor = models.load_model(path)
         tops[name] = {part: first_answers(model, processor, images, chunk)
                       for part, chunk in (("trained", trained), ("held out", held_out))}
     for part in ("trained", "held out"):
-        (base_top, teacher_top, base_kl), (student_top, _, student_kl) = tops["base"][part], tops["student"][part]
+        (base_top, teacher_top, base_kl), (student_top, _,
+                                           student_kl) = tops["base"][part], tops["student"][part]
         changed, taken = changes_taken(base_top, student_top, teacher_top)
-        print(f"{part:8s} probes: the teacher changed {changed} of {len(base_top)} first answers, the student made "
-              f"{taken} of those changes ({taken / max(changed, 1):.0%}); reverse KL per position {base_kl:.4f} -> "
-              f"{student_kl:.4f}")
+        print(f"{part:8s} probes: the teacher changed {changed} of {len(base_top)} first answers, "
+              f"the student made {taken} of those changes ({taken / max(changed, 1):.0%}); reverse "
+              f"KL per position {base_kl:.4f} -> {student_kl:.4f}")
     for split in ("random", "popular", "adversarial"):
         changed, right, taken, own, own_right = transfer(out, "seed_reverse", split)
-        print(f"POPE {split:11s}: VCD changed {changed} answers ({right} to right); the student made {taken} of "
-              f"those changes ({taken / max(changed, 1):.0%}) and {own} of its own ({own_right} to right)")
+        print(f"POPE {split:11s}: VCD changed {changed} answers ({right} to right); the student "
+              f"made {taken} of those changes ({taken / max(changed, 1):.0%}) and {own} of its own "
+              f"({own_right} to right)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Peak host memory of `train.py --model` on the llava-1.5 replica, against the number of unlabeled images.
+"""Peak host memory of `train.py --model` on the llava-1.5 replica, against the number of unlabeled
+images.
 
     python docs/measure_host_memory.py                 # 200 and 2,000 images (README, "A real run")
     python docs/measure_host_memory.py --images 200 500
@@ -22,8 +23,10 @@ sys.path.insert(0, ROOT)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, nargs="+", default=[200, 2000], help="unlabeled image counts to run")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, nargs="+", default=[200, 2000],
+                        help="unlabeled image counts to run")
     args = parser.parse_args()
     import replica
 
@@ -31,17 +34,20 @@ def main():
     for count in args.images:
         with tempfile.TemporaryDirectory() as root:
             paths = replica.build(root, unlabeled=count, pope_images=4, questions_per_image=2)
-            command = [sys.executable, os.path.join(ROOT, "train.py"), "--model", paths["llava-1.5-7b-replica"],
-                       "--images", paths["train2014"], "--pope", paths["pope"], "--pope-images", paths["val2014"],
-                       "--out", os.path.join(root, "out"), "--loss", "reverse", "--steps", "1", "--batch-size", "16",
-                       "--probes-per-image", "0", "--description-tokens", "1", "--sample-seeds", "1",
-                       "--eval-batch-size", "8", "--no-progress"]
+            command = [sys.executable, os.path.join(ROOT, "train.py"), "--model",
+                       paths["llava-1.5-7b-replica"], "--images", paths["train2014"], "--pope",
+                       paths["pope"], "--pope-images", paths["val2014"],
+                       "--out", os.path.join(root, "out"), "--divergence", "reverse",
+                       "--steps", "1", "--batch-size", "16", "--probes-per-image", "0",
+                       "--description-tokens", "1", "--sample-seeds", "1", "--eval-batch-size", "8",
+                       "--no-progress"]
             start = time.perf_counter()
             child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
             _, status, usage = os.wait4(child.pid, 0)
             if status != 0:
                 raise SystemExit(f"train.py exited with status {status} on {count} images")
-            print(f"{count:>8}{usage.ru_maxrss / 1024:>14.0f}{time.perf_counter() - start:>10.0f}", flush=True)
+            print(f"{count:>8}{usage.ru_maxrss / 1024:>14.0f}{time.perf_counter() - start:>10.0f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

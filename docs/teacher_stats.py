@@ -1,4 +1,5 @@
-"""The recorded purified teacher of SEED's examples logs: plausible-set sizes and bytes (METHOD.md 3).
+"""The recorded purified teacher of SEED's examples logs: plausible-set sizes and bytes (METHOD.md
+3).
 
     python docs/teacher_stats.py out/seed_reverse/round0/examples.jsonl [more logs]
 
@@ -25,11 +26,13 @@ def stats(path):
     histogram = Counter(min(c, 16) for c in counts)
     per_position = teacher_bytes / len(counts)
     coco = per_position * len(counts) / len(images) * COCO_TRAIN_IMAGES
-    print(f"{path}: {len(counts)} response positions on {len(images)} images; kept tokens a position: mean "
-          f"{statistics.mean(counts):.2f}, median {statistics.median(counts)}, max {max(counts)}")
-    print("  histogram (16 = 16 or more): " + ", ".join(f"{k}: {histogram[k]}" for k in sorted(histogram)))
-    print(f"  teacher bytes a response position {per_position:.1f} (JSON, base64 int32 ids + float32 logits); "
-          f"at COCO scale ({COCO_TRAIN_IMAGES:,} images): {coco / 2**20:.0f} MiB")
+    print(f"{path}: {len(counts)} response positions on {len(images)} images; kept tokens a "
+          f"position: mean {statistics.mean(counts):.2f}, median {statistics.median(counts)}, max "
+          f"{max(counts)}")
+    print("  histogram (16 = 16 or more): "
+          + ", ".join(f"{k}: {histogram[k]}" for k in sorted(histogram)))
+    print(f"  teacher bytes a response position {per_position:.1f} (JSON, base64 int32 ids + "
+          f"float32 logits); at COCO scale ({COCO_TRAIN_IMAGES:,} images): {coco / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""adapter.py on a tiny real LlavaForConditionalGeneration: exact start, exact teacher, merge, save/load."""
+"""adapter.py on a tiny real LlavaForConditionalGeneration: exact start, exact teacher, merge,
+save/load."""
 import json
 import os
 
@@ -27,7 +28,8 @@ def test_wraps_only_language_model_targets_and_freezes_the_rest(llava):
     layers = adapter.adapter_layers(llava)
     n_layers = llava.config.text_config.num_hidden_layers
     assert len(layers) == 2 * n_layers
-    assert all(".language_model." in name and name.endswith(("q_proj", "v_proj")) for name in layers)
+    assert all(".language_model." in name and name.endswith(("q_proj", "v_proj"))
+               for name in layers)
     trainable = {id(p) for p in llava.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in params} and len(params) == 4 * n_layers
 
@@ -54,7 +56,8 @@ def test_after_training_disabled_is_the_base_and_only_adapter_weights_moved(llav
     assert not torch.equal(logits(llava, llava_inputs), base)  # the student moved
     with adapter.adapter_disabled(llava):
         assert torch.equal(logits(llava, llava_inputs), base)  # the teacher did not
-    assert not torch.equal(logits(llava, llava_inputs), base)  # and the adapter is back on after the block
+    # and the adapter is back on after the block
+    assert not torch.equal(logits(llava, llava_inputs), base)
     for name, p in llava.named_parameters():
         original = name.replace(".base.", ".")
         if original in before:
@@ -83,7 +86,8 @@ def test_save_load_round_trip_reproduces_the_logits(llava, llava_inputs, tmp_pat
     train_a_little(llava, llava_inputs, params)
     trained = logits(llava, llava_inputs)
     adapter.save_adapter(llava, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]  # no pickle
+    # no pickle
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]
     settings = json.loads((tmp_path / "adapter_config.json").read_text())
     assert settings["rank"] == 4 and settings["targets"] == ["q_proj", "v_proj"]
     fresh = toyworld.make_model(processor.tokenizer, image_size=32, seed=0)  # same base weights
@@ -126,18 +130,19 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2)).eval()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2)).eval()
 
 
 def test_a_text_only_causal_lm_takes_the_adapter_as_its_decoder(tmp_path):
-    """No language_model and no vision part: the whole model is the decoder; teacher, merge and reload exact."""
+    """No language_model and no vision part: the whole model is the decoder; teacher, merge and
+    reload exact."""
     model = tiny_llama()
     inputs = {"input_ids": torch.tensor([[1, 5, 9, 3, 7]])}
     base = logits(model, inputs)
     params = adapter.add_adapter(model, rank=4, alpha_r=8.0)
-    assert sorted(adapter.adapter_layers(model)) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1)
-                                                     for p in ("q_proj", "v_proj")]
+    assert sorted(adapter.adapter_layers(model)) == [f"model.layers.{i}.self_attn.{p}"
+                                                     for i in (0, 1) for p in ("q_proj", "v_proj")]
     train_a_little(model, inputs, params)
     student = logits(model, inputs)
     assert not torch.allclose(student, base, atol=1e-4)  # the adapter has moved
@@ -155,15 +160,18 @@ def test_a_model_with_a_vision_part_and_no_language_model_needs_its_decoder_name
     class Captioner(torch.nn.Module):  # a vision tower with its own q_proj beside a text decoder
         def __init__(self):
             super().__init__()
-            self.vision_tower = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(4, 4), "v_proj": torch.nn.Linear(4, 4)})
+            self.vision_tower = torch.nn.ModuleDict(
+                {"q_proj": torch.nn.Linear(4, 4), "v_proj": torch.nn.Linear(4, 4)})
             self.text = tiny_llama()
 
     model = Captioner()
-    with pytest.raises(ValueError, match="has a vision part but no `language_model`.*decoder='qualified.name'"):
+    with pytest.raises(ValueError,
+                       match="has a vision part but no `language_model`.*decoder='qualified.name'"):
         adapter.add_adapter(model)
     assert not adapter.adapter_layers(model)
     adapter.add_adapter(model, decoder="text")
-    assert adapter.adapter_layers(model) and all(n.startswith("text.") for n in adapter.adapter_layers(model))
+    assert adapter.adapter_layers(model) and all(n.startswith("text.")
+                                                 for n in adapter.adapter_layers(model))
     adapter.save_adapter(model, str(tmp_path / "a"))
     fresh = Captioner()
     adapter.load_adapter(fresh, str(tmp_path / "a"))  # the decoder's name travels with the adapter
@@ -188,7 +196,8 @@ def test_merging_into_bfloat16_loses_no_more_of_a_small_update_than_the_unmerged
     with torch.no_grad():
         unmerged = layer(x).double() - x.double() @ W.T
         merged = torch.nn.Linear(1024, 1024, bias=False).to(torch.bfloat16)
-        merged.weight.copy_((base.weight.float() + layer.scale * layer.B @ layer.A).to(torch.bfloat16))
+        merged.weight.copy_(
+            (base.weight.float() + layer.scale * layer.B @ layer.A).to(torch.bfloat16))
         merged = merged(x).double() - x.double() @ W.T
     error = lambda y: ((y - exact_update).norm() / exact_update.norm()).item()  # noqa: E731
     assert error(merged) <= 1.05 * error(unmerged)
@@ -196,7 +205,8 @@ def test_merging_into_bfloat16_loses_no_more_of_a_small_update_than_the_unmerged
 
 
 def moved_adapter(model, rank=4, seed=3):
-    """Attach an adapter and move B away from zero: a state where a wrong key, scale or layer shows."""
+    """Attach an adapter and move B away from zero: a state where a wrong key, scale or layer
+    shows."""
     adapter.add_adapter(model, rank=rank, alpha_r=2.0 * rank + 3)
     torch.manual_seed(seed)
     for layer in adapter.adapter_layers(model).values():
@@ -204,7 +214,8 @@ def moved_adapter(model, rank=4, seed=3):
     return model
 
 
-def test_the_peft_format_adapter_loads_in_peft_with_equal_logits_and_merge(llava, llava_inputs, tmp_path):
+def test_the_peft_format_adapter_loads_in_peft_with_equal_logits_and_merge(llava, llava_inputs,
+                                                                           tmp_path):
     import copy
 
     from peft import PeftModel
@@ -214,7 +225,8 @@ def test_the_peft_format_adapter_loads_in_peft_with_equal_logits_and_merge(llava
     path = adapter.save_peft_adapter(llava, str(tmp_path / "peft"))
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 11.0
-    assert config["target_modules"] and all(".language_model." in t for t in config["target_modules"])
+    assert config["target_modules"] and all(".language_model." in t
+                                            for t in config["target_modules"])
     with torch.no_grad():
         ours = llava(**llava_inputs).logits
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
@@ -223,8 +235,10 @@ def test_the_peft_format_adapter_loads_in_peft_with_equal_logits_and_merge(llava
     assert not torch.allclose(ours, plain, atol=1e-3)  # the adapter has moved the model
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     # PEFT wrapped exactly our layers: none in the vision tower
-    lora_layers = sorted(n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A))
-    assert [n.removeprefix("base_model.model.") for n in lora_layers] == sorted(adapter.adapter_layers(llava))
+    lora_layers = sorted(n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")
+                         and len(m.lora_A))
+    assert [n.removeprefix("base_model.model.")
+            for n in lora_layers] == sorted(adapter.adapter_layers(llava))
     merged_peft = peft_model.merge_and_unload()
     adapter.merge_adapter(llava)
     merged_ours = dict(llava.named_parameters())

@@ -8,16 +8,18 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--pretrain-steps", "15", "--steps", "4", "--unlabeled", "6", "--eval-images", "4", "--sample-seeds", "1",
-         "--batch-size", "8", "--eval-batch-size", "8", "--checkpoint-every", "2", "--loss", "reverse", "--no-progress"]
+FLAGS = ["--pretrain-steps", "15", "--steps", "4", "--unlabeled", "6", "--eval-images", "4",
+         "--sample-seeds", "1", "--batch-size", "8", "--eval-batch-size", "8", "--checkpoint-every",
+         "2", "--divergence", "reverse", "--no-progress"]
 
 
 def train(out, cache, processes, *extra):
     env = dict(os.environ, XDG_CACHE_HOME=str(cache), OMP_NUM_THREADS="1")
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={processes}"]
                 if processes > 1 else [sys.executable])
-    done = subprocess.run(launcher + ["train.py", *FLAGS, "--out", str(out), *extra], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(launcher + ["train.py", *FLAGS, "--out", str(out), *extra], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -35,13 +37,16 @@ def test_two_processes_give_the_adapter_examples_and_answers_of_one(runs):
 
     root, _, _ = runs
     one, two = root / "one" / "seed_reverse", root / "two" / "seed_reverse"
-    a, b = load_file(one / "round0" / "adapter.safetensors"), load_file(two / "round0" / "adapter.safetensors")
+    a, b = load_file(one / "round0" / "adapter.safetensors"), load_file(
+        two / "round0" / "adapter.safetensors")
     assert sorted(a) == sorted(b)
     for name in a:
         # float rounding only: the gradients are summed over the processes in another order
         assert float((b[name] - a[name]).norm() / a[name].norm()) <= 1e-5, name
-    assert all(float(t.abs().sum()) > 0 for n, t in a.items() if n.endswith(".B"))  # B has moved from zero
-    assert (one / "round0" / "examples.jsonl").read_bytes() == (two / "round0" / "examples.jsonl").read_bytes()
+    # B has moved from zero
+    assert all(float(t.abs().sum()) > 0 for n, t in a.items() if n.endswith(".B"))
+    examples = "round0/examples.jsonl"
+    assert (one / examples).read_bytes() == (two / examples).read_bytes()
     for method in ("base", "vcd", "seed_reverse"):
         names = sorted(os.listdir(root / "one" / method / "answers"))
         assert names == sorted(os.listdir(root / "two" / method / "answers")) and names
@@ -52,14 +57,18 @@ def test_two_processes_give_the_adapter_examples_and_answers_of_one(runs):
     for method in ("base", "vcd", "seed_reverse"):
         for decoding in ("greedy", "sample"):
             assert first[method][decoding] == second[method][decoding], (method, decoding)
-        assert first[method]["captions"] == second[method]["captions"], method  # CHAIR, split by batches
-    for figure in ("final_loss", "void_mass", "void_mass_at_start"):  # sums over processes: float rounding
-        assert second["seed_reverse"][figure][0] == pytest.approx(first["seed_reverse"][figure][0], rel=1e-5)
+        # CHAIR, split by batches
+        assert first[method]["captions"] == second[method]["captions"], method
+    # sums over processes: float rounding
+    for figure in ("final_loss", "void_mass", "void_mass_at_start"):
+        assert second["seed_reverse"][figure][0] == pytest.approx(first["seed_reverse"][figure][0],
+                                                                  rel=1e-5)
 
 
 def test_two_processes_train_from_the_online_teacher_as_one(runs):
-    """--teacher online: the distortion drawn for the whole batch, each process its rows; one process's adapter.
-    (The runs above train from the recorded teacher, the default: each process takes its rows' positions.)"""
+    """--teacher online: the distortion drawn for the whole batch, each process its rows; one
+    process's adapter. (The runs above train from the recorded teacher, the default: each process
+    takes its rows' positions.)"""
     from safetensors.torch import load_file
 
     root, _, _ = runs
@@ -69,8 +78,10 @@ def test_two_processes_train_from_the_online_teacher_as_one(runs):
             for name in ("online1", "online2"))
     assert all(float((b[n] - a[n]).norm() / a[n].norm()) <= 1e-5 for n in a if n.endswith(".B"))
     recorded = load_file(root / "one" / "seed_reverse" / "round0" / "adapter.safetensors")
-    assert any(not torch.allclose(a[n], recorded[n]) for n in a if n.endswith(".B"))  # another teacher's noise
-    first, second = (json.loads((root / name / "results.json").read_text()) for name in ("online1", "online2"))
+    # another teacher's noise
+    assert any(not torch.allclose(a[n], recorded[n]) for n in a if n.endswith(".B"))
+    first, second = (json.loads((root / name / "results.json").read_text())
+                     for name in ("online1", "online2"))
     assert first["seed_reverse"]["greedy"] == second["seed_reverse"]["greedy"]
 
 
@@ -83,12 +94,14 @@ def test_only_process_zero_prints(runs):
 def test_a_resumed_two_process_run_redoes_nothing_and_ends_the_same(runs):
     root, _, _ = runs
     before = json.loads((root / "two" / "results.json").read_text())
-    stamps = {p: os.stat(p).st_mtime_ns for p in (root / "two" / "seed_reverse" / "round0").iterdir() if p.is_file()}
+    stamps = {p: os.stat(p).st_mtime_ns
+              for p in (root / "two" / "seed_reverse" / "round0").iterdir() if p.is_file()}
     train(root / "two", root / "cache", 2, "--resume")
     after = json.loads((root / "two" / "results.json").read_text())
     for method in ("base", "vcd", "seed_reverse"):
         assert after[method]["greedy"] == before[method]["greedy"]
-    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps  # the finished round was replayed, not rewritten
+    # the finished round was replayed, not rewritten
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
 
 
 FAILING_PROCESS = """# train.py, but its second process fails when it reads one photo (the fault is injected,
@@ -108,20 +121,24 @@ train.main(sys.argv[1:])
 
 
 def test_a_process_that_fails_takes_the_job_down_with_its_message(tmp_path):
-    """A photo that the second process cannot read, in its share: the job ends (no hang) and says why."""
+    """A photo that the second process cannot read, in its share: the job ends (no hang) and says
+    why."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import replica
 
     paths = replica.build(str(tmp_path), unlabeled=4, pope_images=2, questions_per_image=2)
-    broken = sorted(os.listdir(paths["train2014"]))[3]  # the last of the first chunk: process 1 decodes it
+    # the last of the first chunk: process 1 decodes it
+    broken = sorted(os.listdir(paths["train2014"]))[3]
     script = tmp_path / "failing_train.py"
     script.write_text(FAILING_PROCESS.format(root=ROOT, broken=broken))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), "--model", paths["llava-1.5-7b-replica"], "--images", paths["train2014"],
-                           "--pope", paths["pope"], "--pope-images", paths["val2014"], "--out", str(tmp_path / "out"),
-                           "--loss", "reverse", "--steps", "1", "--batch-size", "2", "--probes-per-image", "1",
-                           "--description-tokens", "2", "--sample-seeds", "1", "--no-progress", "--dist-timeout", "2"],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script), "--model",
+                           paths["llava-1.5-7b-replica"], "--images", paths["train2014"], "--pope",
+                           paths["pope"], "--pope-images", paths["val2014"], "--out",
+                           str(tmp_path / "out"), "--divergence", "reverse", "--steps", "1",
+                           "--batch-size", "2", "--probes-per-image", "1", "--description-tokens",
+                           "2", "--sample-seeds", "1", "--no-progress", "--dist-timeout", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert f"{broken}: cannot read the image (injected)" in done.stderr

@@ -1,4 +1,5 @@
-"""losses.py: both KLs against a naive float64 loop, the two traps of METHOD.md 3, and the void picture."""
+"""losses.py: both KLs against a naive float64 loop, the two traps of METHOD.md 3, and the void
+picture."""
 import math
 
 import pytest
@@ -21,7 +22,8 @@ def naive_kl(student, teacher, mask, direction, eps=1e-8):
             if direction == "forward" and p[w] > 0:
                 kl += float(p[w]) * (math.log(float(p[w])) - math.log(float(q[w])))
             if direction == "reverse":
-                log_p = math.log(float(p[w])) if p[w] > 0 else math.log(eps)  # the floor on voids only
+                # the floor on voids only
+                log_p = math.log(float(p[w])) if p[w] > 0 else math.log(eps)
                 kl += float(q[w]) * (math.log(float(q[w])) - log_p)
         total += kl
         count += 1
@@ -36,7 +38,8 @@ def voided_teacher(positions=5, vocab=12, seed=0):
     return teacher, torch.randn(positions, vocab, generator=g)
 
 
-@pytest.mark.parametrize("direction,loss_fn", [("forward", losses.forward_kl), ("reverse", losses.reverse_kl)])
+@pytest.mark.parametrize("direction,loss_fn",
+                         [("forward", losses.forward_kl), ("reverse", losses.reverse_kl)])
 @pytest.mark.parametrize("use_mask", [False, True])
 def test_losses_equal_a_naive_float64_loop(direction, loss_fn, use_mask):
     teacher, student = voided_teacher()
@@ -50,7 +53,8 @@ def test_reverse_kl_is_exact_on_a_teacher_without_voids(eps):
     """No -inf in the teacher: the floor must not touch kept tokens, however unlikely (TRL's
     generalized_jsd_loss(beta=1) is this exact sum). Wide logits put most tokens below eps."""
     g = torch.Generator().manual_seed(0)
-    teacher, student = 6 * torch.randn(3, 32_000, generator=g), 2 * torch.randn(3, 32_000, generator=g)
+    teacher, student = 6 * torch.randn(3, 32_000, generator=g), 2 * torch.randn(3, 32_000,
+                                                                                generator=g)
     log_q, log_p = torch.log_softmax(student.double(), -1), torch.log_softmax(teacher.double(), -1)
     assert (log_p < math.log(eps)).float().mean() > 0.5  # a floor on real tokens would show
     exact = (log_q.exp() * (log_q - log_p)).sum(-1).mean().item()
@@ -90,7 +94,8 @@ def test_masking_after_the_product_is_the_nan_trap():
     q = torch.softmax(student, -1)
     trap = (q * (torch.log_softmax(student, -1) - log_p)).masked_fill(torch.isinf(log_p), 0.0).sum()
     trap.backward()
-    assert torch.isnan(student.grad).any()  # what published code gets; losses.reverse_kl does not (above)
+    # what published code gets; losses.reverse_kl does not (above)
+    assert torch.isnan(student.grad).any()
 
 
 def fit_free_logits(loss_fn, teacher, steps=1000):
@@ -109,7 +114,8 @@ def dropped_void_reverse_kl(student, teacher):
     log_q = torch.log_softmax(student, -1)
     log_p = torch.log_softmax(teacher, -1)
     live = ~torch.isinf(log_p)
-    return (log_q.exp() * (log_q - log_p.masked_fill(~live, 0.0))).masked_fill(~live, 0.0).sum(-1).mean()
+    return (log_q.exp() * (log_q - log_p.masked_fill(~live, 0.0))).masked_fill(~live,
+                                                                               0.0).sum(-1).mean()
 
 
 def test_reverse_kl_drives_free_student_mass_out_of_the_voids():
@@ -123,7 +129,8 @@ def test_void_picture_forward_kl_fills_the_void_reverse_kl_does_not():
     grid = torch.linspace(-5, 5, 201)
     teacher = losses.two_bump_teacher(grid)
     _, forward_width, forward_void = losses.fit_one_bump(losses.forward_kl, teacher, grid)
-    reverse_mean, reverse_width, reverse_void = losses.fit_one_bump(losses.reverse_kl, teacher, grid)
+    reverse_mean, reverse_width, reverse_void = losses.fit_one_bump(losses.reverse_kl, teacher,
+                                                                    grid)
     assert forward_void >= 10 * reverse_void
     assert reverse_void < 0.05
     assert abs(abs(reverse_mean) - 2.5) < 0.3  # settled on one bump (mode-seeking)

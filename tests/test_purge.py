@@ -1,4 +1,5 @@
-"""purge.py: distort follows the VCD schedule; purify is the contrast on exactly the plausible set."""
+"""purge.py: distort follows the VCD schedule; purify is the contrast on exactly the plausible
+set."""
 import math
 
 import pytest

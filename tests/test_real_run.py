@@ -1,4 +1,5 @@
-"""train.py --model on a local replica of llava-1.5-7b-hf (tests/replica.py): the real run's path, end to end."""
+"""train.py --model on a local replica of llava-1.5-7b-hf (tests/replica.py): the real run's path,
+end to end."""
 import json
 import os
 
@@ -11,16 +12,17 @@ import replica
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    """One smallest-budget `train.py --model` run on the replica; returns (paths, out folder, results)."""
+    """One smallest-budget `train.py --model` run on the replica; returns (paths, out folder,
+    results)."""
     import train
 
     root = str(tmp_path_factory.mktemp("real"))
     paths = replica.build(root, unlabeled=4, pope_images=3, questions_per_image=2)
     out = os.path.join(root, "out")
-    flags = ["--model", paths["llava-1.5-7b-replica"], "--images", paths["train2014"], "--pope", paths["pope"],
-             "--pope-images", paths["val2014"], "--out", out, "--loss", "reverse", "--rounds", "1", "--steps", "2",
-             "--batch-size", "2",
-             "--probes-per-image", "1", "--description-tokens", "3", "--sample-seeds", "1", "--eval-batch-size", "4",
+    flags = ["--model", paths["llava-1.5-7b-replica"], "--images", paths["train2014"], "--pope",
+             paths["pope"], "--pope-images", paths["val2014"], "--out", out, "--divergence",
+             "reverse", "--rounds", "1", "--steps", "2", "--batch-size", "2", "--probes-per-image",
+             "1", "--description-tokens", "3", "--sample-seeds", "1", "--eval-batch-size", "4",
              "--checkpoint-every", "1", "--no-progress"]
     results = train.main(flags)
     return paths, out, results
@@ -30,16 +32,20 @@ def test_the_replica_is_shaped_like_llava_15_where_the_code_cares(tmp_path):
 
     processor = replica.make_processor(["traffic light", "hair drier", "cat"])
     tokenizer = processor.tokenizer
-    assert len(tokenizer(" traffic light").input_ids) > 1 and len(tokenizer(" hair drier").input_ids) > 1
+    assert len(tokenizer(" traffic light").input_ids) > 1 and len(
+        tokenizer(" hair drier").input_ids) > 1
     assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
-    vocabulary = len(tokenizer) - 2  # <pad> and <image> come after it, as 32000 / 32001 in the real one
+    # <pad> and <image> come after it, as 32000 / 32001 in the real one
+    vocabulary = len(tokenizer) - 2
     assert {tokenizer.pad_token_id, processor.image_token_id} == {vocabulary, vocabulary + 1}
     from PIL import Image
 
-    batch = models.prompt_batch(processor, [Image.new("RGB", (640, 480))], ["Is there a cat in the image?"])
+    batch = models.prompt_batch(processor, [Image.new("RGB", (640, 480))],
+                                ["Is there a cat in the image?"])
     assert batch["pixel_values"].shape == (1, 3, 336, 336)
     assert int((batch["input_ids"] == processor.image_token_id).sum()) == 576
-    text = tokenizer.decode(batch["input_ids"][0][batch["input_ids"][0] != processor.image_token_id])
+    text = tokenizer.decode(
+        batch["input_ids"][0][batch["input_ids"][0] != processor.image_token_id])
     assert text.startswith("USER: \n") and text.endswith("Is there a cat in the image? ASSISTANT:")
 
 
@@ -51,14 +57,18 @@ def test_a_real_run_writes_results_a_merged_checkpoint_and_a_peft_adapter(real_r
 
     paths, out, results = real_run
     saved = json.load(open(os.path.join(out, "results.json")))
-    assert list(saved["seed_reverse"]["greedy"]) == ["random", "popular", "adversarial"]  # the table's one order
+    # the table's one order
+    assert list(saved["seed_reverse"]["greedy"]) == ["random", "popular", "adversarial"]
     for method in ("base", "vcd", "seed_reverse"):
         for decoding in ("greedy", "sample"):
-            assert all(0 <= saved[method][decoding][s]["f1"] <= 1 for s in ("random", "popular", "adversarial"))
-    examples = [json.loads(line) for line in open(os.path.join(out, "seed_reverse", "round0", "examples.jsonl"))]
+            assert all(0 <= saved[method][decoding][s]["f1"] <= 1
+                       for s in ("random", "popular", "adversarial"))
+    examples = [json.loads(line)
+                for line in open(os.path.join(out, "seed_reverse", "round0", "examples.jsonl"))]
     assert [e["kind"] for e in examples] == ["description"] * 4 + ["probe"] * 4
 
-    # The merged model: an ordinary checkpoint, equal to the base plus the round's adapter, merged here.
+    # The merged model: an ordinary checkpoint, equal to the base plus the round's adapter, merged
+    # here.
     merged_dir = os.path.join(out, "seed_reverse", "merged")
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     processor = AutoProcessor.from_pretrained(merged_dir)
@@ -66,8 +76,9 @@ def test_a_real_run_writes_results_a_merged_checkpoint_and_a_peft_adapter(real_r
     round_dir = os.path.join(out, "seed_reverse", "round0")
     ours, _ = models.load_model(paths["llava-1.5-7b-replica"])
     adapter.load_adapter(ours, round_dir)
-    inputs = models.prompt_batch(processor, [os.path.join(paths["val2014"], n) for n in sorted(os.listdir(
-        paths["val2014"]))[:2]], ["Is there a traffic light in the image?", "Describe this image in detail."])
+    pictures = [os.path.join(paths["val2014"], n) for n in sorted(os.listdir(paths["val2014"]))[:2]]
+    inputs = models.prompt_batch(processor, pictures, ["Is there a traffic light in the image?",
+                                                       "Describe this image in detail."])
     with torch.no_grad():
         unmerged = ours(**inputs).logits
         plain = base(**inputs).logits
@@ -75,7 +86,8 @@ def test_a_real_run_writes_results_a_merged_checkpoint_and_a_peft_adapter(real_r
         peft_model = PeftModel.from_pretrained(base, os.path.join(round_dir, "peft")).eval()
         from_peft = peft_model(**inputs).logits
     assert not torch.allclose(unmerged, plain, atol=1e-4)  # two SEED steps have moved the model
-    torch.testing.assert_close(from_disk, adapter.merge_adapter(ours)(**inputs).logits.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(from_disk, adapter.merge_adapter(ours)(**inputs).logits.detach(),
+                               rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(from_peft, unmerged, rtol=1e-5, atol=1e-5)
     peft_config = json.load(open(os.path.join(round_dir, "peft", "adapter_config.json")))
     assert peft_config["base_model_name_or_path"] == paths["llava-1.5-7b-replica"]
@@ -89,27 +101,33 @@ def test_a_finished_real_run_resumes_without_redoing_anything(real_run, monkeypa
     paths, out, results = real_run
     calls = []
     real_generate = decode.generate
-    monkeypatch.setattr(decode, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    monkeypatch.setattr(decode, "generate", lambda *a,
+                        **k: calls.append(1) or real_generate(*a, **k))
     flags = json.load(open(os.path.join(out, "results.json")))["config"]
     again = train.main([f"--{k.replace('_', '-')}={v}" for k, v in flags.items()
-                        if v is not None and not isinstance(v, bool)] + ["--resume", "--no-progress"])
-    for method in ("base", "vcd", "seed_reverse", "seed_reverse_vcd"):  # every answer file was complete:
+                        if v is not None and not isinstance(v, bool)]
+                       + ["--resume", "--no-progress"])
+    # every answer file was complete:
+    for method in ("base", "vcd", "seed_reverse", "seed_reverse_vcd"):
         assert again[method]["greedy"] == results[method]["greedy"]  # nothing answered again
-    # The only decoding left: the answer-cost timing, 21 rounds of the four rows (it is measured anew)
+    # The only decoding left: the answer-cost timing, 21 rounds of the four rows (it is measured
+    # anew)
     assert len(calls) == 21 * 4
 
 
 # ---------------------------------------------------------------------------------------------
-# InternVL and Qwen2.5-VL checkpoint folders as the hub ships them, loaded by the project's own install
+# InternVL and Qwen2.5-VL checkpoint folders as the hub ships them, loaded by the project's own
+# install
 
-HUB_FOLDERS = {"InternVL3-1B-hf": replica.internvl3_hf_folder, "Qwen2.5-VL-7B-Instruct": replica.qwen2_5_vl_folder}
+HUB_FOLDERS = {"InternVL3-1B-hf": replica.internvl3_hf_folder,
+               "Qwen2.5-VL-7B-Instruct": replica.qwen2_5_vl_folder}
 
 
 @pytest.mark.parametrize("name", sorted(HUB_FOLDERS))
 def test_hub_laid_out_folders_load_answer_pope_and_train(tmp_path, name):
-    """Every file the hub repository ships (InternVL's video_preprocessor_config.json; Qwen's none, which
-    transformers fills in): load_model builds the image path without torchvision, then eval_pope.py
-    answer and train.py --model run on the folder, as a user runs them."""
+    """Every file the hub repository ships (InternVL's video_preprocessor_config.json; Qwen's none,
+    which transformers fills in): load_model builds the image path without torchvision, then
+    eval_pope.py answer and train.py --model run on the folder, as a user runs them."""
     import subprocess
     import sys
 
@@ -117,30 +135,38 @@ def test_hub_laid_out_folders_load_answer_pope_and_train(tmp_path, name):
     paths = replica.build(str(tmp_path), unlabeled=3, pope_images=2, questions_per_image=2)
     folder = HUB_FOLDERS[name](str(tmp_path / name))
     model, processor = models.load_model(folder)
-    expected = {"InternVL3-1B-hf": "InternVLProcessor", "Qwen2.5-VL-7B-Instruct": "Qwen2_5_VLProcessor"}[name]
+    expected = {"InternVL3-1B-hf": "InternVLProcessor",
+                "Qwen2.5-VL-7B-Instruct": "Qwen2_5_VLProcessor"}[name]
     assert expected in [cls.__name__ for cls in type(processor).__mro__]
-    assert type(processor.image_processor).__name__.endswith("Pil")  # the PIL backend: no torchvision needed
-    assert processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id) == processor.image_token
+    # the PIL backend: no torchvision needed
+    assert type(processor.image_processor).__name__.endswith("Pil")
+    assert processor.tokenizer.convert_ids_to_tokens(
+        model.config.image_token_id) == processor.image_token
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="2")
     question_file = os.path.join(paths["pope"], "coco_pope_random.json")
-    answer = subprocess.run([sys.executable, "eval_pope.py", "answer", "--model", folder, "--questions", question_file,
-                             "--images", paths["val2014"], "--out", str(tmp_path / "answers.jsonl"), "--device", "cpu",
-                             "--decoding", "vcd-greedy", "--max-new-tokens", "2"],
+    answer = subprocess.run([sys.executable, "eval_pope.py", "answer", "--model", folder,
+                             "--questions", question_file, "--images", paths["val2014"], "--out",
+                             str(tmp_path / "answers.jsonl"), "--device", "cpu", "--decoding",
+                             "vcd-greedy", "--max-new-tokens", "2"],
                             cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert answer.returncode == 0, answer.stderr[-2000:]
     assert len(open(tmp_path / "answers.jsonl").read().splitlines()) == 4
-    train = subprocess.run([sys.executable, "train.py", "--model", folder, "--images", paths["train2014"],
-                            "--pope", paths["pope"], "--pope-images", paths["val2014"], "--out", str(tmp_path / "out"),
-                            "--loss", "reverse", "--steps", "1", "--batch-size", "2", "--probes-per-image", "1",
-                            "--description-tokens", "2", "--sample-seeds", "1", "--no-progress"],
+    train = subprocess.run([sys.executable, "train.py", "--model", folder, "--images",
+                            paths["train2014"], "--pope", paths["pope"], "--pope-images",
+                            paths["val2014"], "--out", str(tmp_path / "out"), "--divergence",
+                            "reverse", "--steps", "1", "--batch-size", "2", "--probes-per-image",
+                            "1", "--description-tokens", "2", "--sample-seeds", "1",
+                            "--no-progress"],
                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-2000:]
     results = json.load(open(tmp_path / "out" / "results.json"))
     assert list(results["seed_reverse"]["greedy"]) == ["random", "popular", "adversarial"]
     merged = str(tmp_path / "out" / "seed_reverse" / "merged")
     assert (os.path.isfile(os.path.join(merged, "video_preprocessor_config.json"))
-            == os.path.isfile(os.path.join(folder, "video_preprocessor_config.json")))  # carried over as it was
+            # carried over as it was
+            == os.path.isfile(os.path.join(folder, "video_preprocessor_config.json")))
     reloaded, reprocessor = models.load_model(merged)
-    assert models.chat_prompt(reprocessor, "Is there a cat?") == models.chat_prompt(processor, "Is there a cat?")
+    assert models.chat_prompt(reprocessor,
+                              "Is there a cat?") == models.chat_prompt(processor, "Is there a cat?")

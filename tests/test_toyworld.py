@@ -49,10 +49,12 @@ def test_renderer_draws_what_the_scene_says():
             _, colour = world["glyphs"][item["object"]]
             config = toyworld.WorldConfig()
             strength = config.contrast if item["size"] == "large" else config.small_contrast
-            expected = tuple(round(b + strength * (c - b)) for c, b in zip(toyworld.COLOURS[colour], toyworld.BACKGROUND))
+            expected = tuple(round(b + strength * (c - b))
+                             for c, b in zip(toyworld.COLOURS[colour], toyworld.BACKGROUND))
             count = sum(p == expected for p in cell_pixels(image, item["cell"]))
             assert count >= (40 if item["size"] == "large" else 4), (item, count)
-        for cell in set(range(4)) - used:  # empty cells are background (a jittered neighbour may touch the edge)
+        # empty cells are background (a jittered neighbour may touch the edge)
+        for cell in set(range(4)) - used:
             assert set(cell_pixels(image, cell, margin=2)) == {toyworld.BACKGROUND}
 
 
@@ -75,7 +77,8 @@ def test_training_text_has_the_hallucination_habits():
         for s in scenes)
     assert mentioned_undrawn > 300  # partners mentioned though not drawn
     assert all(f" {world['partner'][i['object']]} " not in toyworld.caption(s, world, rng, 0.0)
-               or world["partner"][i["object"]] in toyworld.scene_objects(s) for s in scenes for i in s)
+               or world["partner"][i["object"]] in toyworld.scene_objects(s) for s in scenes
+               for i in s)
     counts = {n: 0 for n in world["names"]}
     for s in scenes:
         for n in toyworld.scene_objects(s):
@@ -92,7 +95,8 @@ def test_training_questions_lean_to_yes_at_the_asked_present_rate():
         about_present = sum(name in toyworld.scene_objects(s) for s, name, _ in asked) / len(asked)
         assert abs(about_present - rate) < 0.03
         # With mention_rate 0 the answers are the truth: "yes" exactly for objects that are there.
-        assert all((answer == "yes") == (name in toyworld.scene_objects(s)) for s, name, answer in asked)
+        assert all((answer == "yes") == (name in toyworld.scene_objects(s))
+                   for s, name, answer in asked)
 
 
 def test_eval_labels_come_from_the_true_scene_contents(tmp_path):
@@ -119,7 +123,8 @@ def test_unlabeled_images_are_drawn_like_the_pope_images():
     images = toyworld.unlabeled_images(world, 5, seed=3)
     assert len(images) == 5 and all(im.size == (32, 32) for im in images)
     # Same seed, same pixels; the scenes behind them have at least three objects, as POPE's have.
-    assert [im.tobytes() for im in toyworld.unlabeled_images(world, 5, seed=3)] == [im.tobytes() for im in images]
+    again = toyworld.unlabeled_images(world, 5, seed=3)
+    assert [im.tobytes() for im in again] == [im.tobytes() for im in images]
     rng = random.Random(3)
     config = toyworld.WorldConfig()
     scenes = [toyworld.sample_scene(world, rng, config.partner_rate, 3) for _ in range(5)]
@@ -139,10 +144,12 @@ def test_tiny_budget_build_caches_and_round_trips(tmp_path, monkeypatch):
     assert isinstance(model, LlavaForConditionalGeneration)
     images = toyworld.unlabeled_images(world, 2, config=config)
     p1 = toyworld.yes_probability(model, processor, images, world["names"][:2])
-    again_path, again_world = toyworld.build(config, progress=False)  # cached: no second pretraining
+    # cached: no second pretraining
+    again_path, again_world = toyworld.build(config, progress=False)
     assert again_path == path and again_world == world
     reloaded = AutoModelForImageTextToText.from_pretrained(again_path).eval()
-    assert torch.equal(toyworld.yes_probability(reloaded, processor, images, world["names"][:2]), p1)
+    assert torch.equal(toyworld.yes_probability(reloaded, processor, images, world["names"][:2]),
+                       p1)
 
 
 def test_a_half_written_cache_entry_is_never_loaded(tmp_path, monkeypatch):
@@ -176,15 +183,20 @@ def test_false_positive_partners_counts_only_yes_to_absent_partners(tmp_path):
     partner = world["partner"][a]
     other = next(n for n in world["names"] if n not in (a, partner))
     objects = {"x.png": [a]}
-    questions = [{"question_id": 1, "image": "x.png", "text": eval_pope.question_for(a), "label": "yes"},
-                 {"question_id": 2, "image": "x.png", "text": eval_pope.question_for(partner), "label": "no"},
-                 {"question_id": 3, "image": "x.png", "text": eval_pope.question_for(other), "label": "no"},
-                 {"question_id": 4, "image": "x.png", "text": eval_pope.question_for(other), "label": "no"}]
+    questions = [{"question_id": 1, "image": "x.png", "text": eval_pope.question_for(a),
+                  "label": "yes"},
+                 {"question_id": 2, "image": "x.png", "text": eval_pope.question_for(partner),
+                  "label": "no"},
+                 {"question_id": 3, "image": "x.png", "text": eval_pope.question_for(other),
+                  "label": "no"},
+                 {"question_id": 4, "image": "x.png", "text": eval_pope.question_for(other),
+                  "label": "no"}]
     eval_pope.write_jsonl(questions, tmp_path / "q.json")
     answers = [{"question_id": 1, "text": "yes"}, {"question_id": 2, "text": "yes"},
                {"question_id": 3, "text": "yes"}, {"question_id": 4, "text": "No."}]
     eval_pope.write_jsonl(answers, tmp_path / "a.jsonl")
-    share, base_rate, count = toyworld.false_positive_partners(tmp_path / "q.json", tmp_path / "a.jsonl", objects, world)
+    share, base_rate, count = toyworld.false_positive_partners(tmp_path / "q.json",
+                                                               tmp_path / "a.jsonl", objects, world)
     assert (share, base_rate, count) == (0.5, 1 / 3, 2)
 
 
@@ -236,7 +248,8 @@ def test_the_default_world_starts_from_the_shipped_model_without_pretraining(tmp
     monkeypatch.setattr(toyworld, "pretrain", no_pretraining)
     path, world = toyworld.build(progress=False)
     assert path == toyworld.SHIPPED and world == toyworld.make_world(0)
-    with pytest.raises(AssertionError, match="pretrained although"):  # shipped=False: pretrain it here
+    # shipped=False: pretrain it here
+    with pytest.raises(AssertionError, match="pretrained although"):
         toyworld.build(progress=False, shipped=False)
 
 
