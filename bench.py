@@ -130,8 +130,7 @@ KEPT = 16
 
 
 def with_recorded_teacher(batch, vocab):
-    """The batch with a sparse teacher at each response position (KEPT random ids, random
-    logits)."""
+    """The batch with a sparse teacher at each response position: KEPT random ids and logits."""
     g = torch.Generator().manual_seed(2)
     n = int(batch["response_mask"][:, 1:].sum())
     ids = torch.stack([torch.randperm(vocab, generator=g)[:KEPT] for _ in range(n)])
@@ -308,8 +307,7 @@ def decoding(model, inputs, autocast, device, args):
 
 
 def peak_memories(args):
-    """5. The peak memory of each step, each in a fresh process so that none inherits another's
-    peak."""
+    """5. The peak memory of each step, each in a fresh process (no peak inherited)."""
     peaks = {}
     for kind in ("seed", "recorded", "sft"):
         command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--device",

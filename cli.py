@@ -88,8 +88,7 @@ class Config:
 
 
 def parse_config(argv=None, description=None):
-    """The Config of `argv` (sys.argv's flags when None); a bad flag or path exits with status 2 in
-    one line."""
+    """The Config of `argv` (sys.argv's when None); a bad flag or path exits 2 with one line."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
@@ -116,8 +115,7 @@ def parse_config(argv=None, description=None):
 
 
 def pope_files_in(folder):
-    """{split: path} of the *_pope_{split}.json files in a folder, in the table's order (random,
-    popular, adversarial)."""
+    """{split: path} of a folder's *_pope_{split}.json files, random, popular, adversarial."""
     names = sorted(os.listdir(folder))
     return {s: os.path.join(folder, n) for s in eval_pope.SPLITS for n in names
             if n.endswith(f"_pope_{s}.json")}
@@ -144,8 +142,7 @@ def content_settings(config):
 
 
 def check_config(args):
-    """The first thing wrong with the flags or the paths they name, as one sentence; None if all is
-    well."""
+    """The first thing wrong with the flags or the paths they name, as one sentence, or None."""
     at_least = {"pretrain_steps": 1, "rounds": 1, "steps": 1, "batch_size": 1, "rank": 1,
                 "unlabeled": 1, "probes_per_image": 0, "description_tokens": 1, "eval_images": 1,
                 "sample_seeds": 1, "eval_batch_size": 1, "checkpoint_every": 0, "dist_timeout": 1}
@@ -187,8 +184,8 @@ def toy_world_flags_problem(args):
 def earlier_run_problem(args):
     """Why the run may not start in --out: an earlier run there that --resume would mix with other
     settings, or one that a fresh run would replace without --overwrite. Under torchrun process 0
-    alone looks (the others could see the run.json it has just written), and its refusal ends the
-    job."""
+    alone looks (the others could see the run.json it has just written); its refusal ends the job.
+    """
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     run_file = os.path.join(args.out, "run.json")
@@ -255,8 +252,7 @@ def check_model_flags(args):
 
 
 def run_fingerprint(config):
-    """The run's content settings in 16 hex digits: what its answers files record (run.json has them
-    all)."""
+    """The run's content settings in 16 hex digits, as its answers record them (run.json: all)."""
     import hashlib
 
     settings = json.dumps(content_settings(config), sort_keys=True)
@@ -298,8 +294,7 @@ def readable_images(config, say=print):
 @dataclass
 class RunData:
     """What a run evaluates and trains on: the base checkpoint, POPE's files and images, the
-    unlabeled images, the names the probes ask about and the description prompt; the toy world's own
-    too."""
+    unlabeled images, the names the probes ask about, the description prompt, and the toy world."""
     model_path: str
     pope_files: dict
     image_dir: str
@@ -312,9 +307,8 @@ class RunData:
 
 
 def run_data(config, unlabeled):
-    """The toy world's data (its base model built or loaded, under torchrun by process 0 first), or,
-    for --model, the folders the flags name with `unlabeled` the --images files already checked
-    readable."""
+    """The toy world's data (its base model built or loaded, by process 0 first), or the folders the
+    flags name, `unlabeled` being the --images files already checked readable."""
     if config.model is not None:
         object_names = (open(config.objects).read().split("\n") if config.objects
                         else list(eval_pope.COCO_OBJECTS))

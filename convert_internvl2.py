@@ -147,8 +147,7 @@ def checkpoint_shards(src):
 
 def convert_weights(src, dst, llm, shard_bytes=4 << 30):
     """Every tensor renamed and split (native_tensors), written as safetensors shards of at most
-    shard_bytes with an index, one source tensor in memory at a time beyond the shard being
-    filled."""
+    shard_bytes with an index; in memory, one source tensor beyond the shard being filled."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -202,8 +201,8 @@ def vision_settings(vision, image_size):
 
 def rope_settings(llm):
     """InternLM2's rope_theta and rope_scaling ({"type": "dynamic" | "linear", "factor"}) as
-    rope_parameters: transformers' dynamic NTK and linear scaling compute the frequencies as
-    InternLM2's do."""
+    rope_parameters (transformers' dynamic NTK and linear scaling compute InternLM2's frequencies).
+    """
     rope = {"rope_type": "default", "rope_theta": float(llm.get("rope_theta", 10000.0))}
     scaling = llm.get("rope_scaling")
     if scaling:
@@ -239,15 +238,15 @@ def text_settings(llm):
 
 
 def check_supported(config):
-    """One line on the first thing of `config` (InternVL2's config.json) this script does not
-    convert."""
+    """One line on the first thing in InternVL2's config.json this script does not convert."""
     llm, vision = config.get("llm_config", {}), config.get("vision_config", {})
     architecture = (llm.get("architectures") or ["?"])[0]
     if config.get("model_type") != "internvl_chat":
         return f"model_type {config.get('model_type')!r}, not InternVL2's 'internvl_chat'"
     if architecture == "Phi3ForCausalLM":
         return ("Phi3ForCausalLM (InternVL2-4B): its Llama-style sentencepiece tokenizer and "
-                "phi3-chat template are not converted or tested here; convert the 1B, 2B, 8B or 26B")
+                "phi3-chat template are not converted or tested here; convert the 1B, 2B, 8B or "
+                "26B")
     if architecture not in LANGUAGE_MODELS:
         return f"language model {architecture}: this script converts {', '.join(LANGUAGE_MODELS)}"
     if config.get("template") not in TEMPLATES:
@@ -508,8 +507,7 @@ def image_settings(config, image_size):
 # ---------------------------------------------------------------------------------------------
 
 def convert(src, dst):
-    """Write the native folder for the InternVL2 folder `src` to `dst` (made in dst + '.tmp', then
-    renamed)."""
+    """Write the native folder for the InternVL2 folder `src` to `dst` (via dst + '.tmp')."""
     import transformers
 
     with open(os.path.join(src, "config.json")) as f:

@@ -41,8 +41,7 @@ def _sample_next(logits, generators, temperature, top_p):
 
 def unsupported_batch(inputs):
     """Why the decoding loop below would decode `inputs` wrongly, or None: it takes left-padded
-    batches of image prompts (a new token's position is the last one, the contrast distorts
-    images)."""
+    batches of image prompts (a new token is at the last position; the contrast needs images)."""
     if "pixel_values_videos" in inputs or "video_grid_thw" in inputs:
         return ("video inputs are not supported (their temporal positions are not computed here); "
                 "images only")

@@ -76,8 +76,7 @@ def process_slice(count, batch_size):
 
 
 def batch_starts(count, batch_size):
-    """This process's batch starts, every P-th batch from its rank, for work whose results are
-    summed."""
+    """This process's batch starts (every P-th from its rank), for work whose results are summed."""
     return range(rank() * batch_size, count, batch_size * world_size())
 
 

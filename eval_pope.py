@@ -163,8 +163,8 @@ def load_questions(path, labelled=False):
 
 def read_answers(path):
     """The answers of a JSON-lines file: each an object with a question_id and a "text", one per
-    question_id; anything else is an error naming the file and the line. The file is never
-    changed."""
+    question_id; anything else is an error naming the file and the line (which is left as it is).
+    """
     numbered = runs.json_lines(path)
     for line_number, record in numbered:
         if "question_id" not in record or not isinstance(record.get("text"), str):
@@ -185,8 +185,7 @@ def refuse_repeated_ids(path, numbered, what):
 
 
 def fingerprint(path):
-    """The sha256 of a file's bytes (its first 16 hex digits): which question file answers belong
-    to."""
+    """The first 16 hex digits of a file's sha256: which question file answers belong to."""
     import hashlib
 
     with open(path, "rb") as f:
@@ -247,8 +246,7 @@ def out_of_range(flag, value, low=None, high=None, above=False, below=False):
 
 
 def output_problem(flag, path, folder):
-    """Why `path` cannot be written as an output folder (folder=True) or file, as one sentence; else
-    None."""
+    """Why `path` cannot be written as an output folder (folder=True) or file, or None."""
     if os.path.exists(path):
         if folder != os.path.isdir(path):
             return f"{flag} {path}: " + ("a file, not a folder" if folder
@@ -339,8 +337,7 @@ def parse_answer(text):
 
 
 def score(predictions, labels):
-    """Accuracy, precision, recall, F1 and yes-ratio as fractions (yes is positive), plus
-    tp/fp/tn/fn."""
+    """Accuracy, precision, recall, F1, yes-ratio (fractions; yes is positive) and tp/fp/tn/fn."""
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
     pairs = list(zip(predictions, labels))
@@ -386,8 +383,7 @@ def score_files(question_file, answer_file):
 
 
 def format_table(rows):
-    """rows: {name: metrics}. Percentages, columns in the order accuracy, precision, recall, F1,
-    yes-ratio."""
+    """rows: {name: metrics}, in percent: accuracy, precision, recall, F1, yes-ratio."""
     lines = [f"{'':<28}{'accuracy':>10}{'precision':>11}{'recall':>9}{'F1':>8}{'yes-ratio':>11}"]
     for name, m in rows.items():
         lines.append(f"{name:<28}{m['accuracy']:>10.2%}{m['precision']:>11.2%}{m['recall']:>9.2%}"
@@ -422,8 +418,8 @@ def main(argv=None):
     answer.add_argument("--images", required=True, help="folder holding the questions' images")
     answer.add_argument("--out", required=True,
                         help="answers file (JSON lines); an existing one is resumed")
-    answer.add_argument("--decoding", default="greedy", choices=sorted(DECODINGS) + list(FORMER_NAMES),
-                        help="how to pick tokens")
+    answer.add_argument("--decoding", default="greedy",
+                        choices=sorted(DECODINGS) + list(FORMER_NAMES), help="how to pick tokens")
     answer.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
     answer.add_argument("--seed", type=int, default=0,
                         help="seed of the sampling and distortion noise")

@@ -33,8 +33,10 @@ def _mean_over_positions(per_position, mask):
 
 
 def forward_kl(student_logits, teacher_logits, mask=None):
-    """L_F = mean_t sum_w pt(w) [log pt(w) - log q(w)]. Logits (..., V); teacher may hold -inf
-    voids."""
+    """L_F = mean_t sum_w pt(w) [log pt(w) - log q(w)].
+
+    Logits (..., V); the teacher's may hold -inf voids.
+    """
     log_q = F.log_softmax(student_logits.float(), dim=-1)
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
     p = log_p.exp()
@@ -79,8 +81,8 @@ def void_mass(student_logits, teacher_logits, mask=None):
 # above on the dense teacher the list came from, in value and gradient.
 
 def _sparse_parts(student_logits, teacher_ids, teacher_logits):
-    """log q (N, V); log pt on the listed tokens (-inf on padding); q on them (0 on padding); the
-    kept mask."""
+    """(log q (N, V), log pt on the listed tokens (-inf on padding), q on them (0 on padding),
+    the mask of kept tokens)."""
     log_q = F.log_softmax(student_logits.float(), dim=-1)
     # the normaliser runs over the kept tokens only
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)

@@ -28,8 +28,7 @@ def load_processor(path):
     """The folder's own processor, for images: AutoProcessor's, or, where the processor class also
     takes a video processor (InternVL's, Qwen2-VL's), which needs torchvision, and torchvision is
     not installed, the same class built from the image processor, the tokenizer, the chat template
-    and the processor settings alone. The image path never reads the video processor, so nothing is
-    lost."""
+    and the processor settings alone (the image path never reads the video processor)."""
     import transformers
     from transformers import AutoProcessor
     from transformers.processing_utils import ProcessorMixin
@@ -67,8 +66,7 @@ def load_model(path, device="cpu", dtype=None):
 
 
 def chat_prompt(processor, text):
-    """The processor's own chat template around one image and one question: the real models'
-    path."""
+    """One image and one question in the processor's own chat template (the real models' path)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
@@ -179,8 +177,7 @@ def distort_per_question(model, pixel_values, input_ids, noise_step, generators)
 
 def pixel_rows_per_question(model, pixel_values, input_ids):
     """How many rows of pixel_values belong to each question (row of input_ids): its share of the
-    image placeholders. One per question for LLaVA, its tiles for InternVL, its patches for
-    Qwen2-VL."""
+    image placeholders: one for LLaVA, its tiles for InternVL, its patches for Qwen2-VL."""
     placeholders = (input_ids == model.config.image_token_id).sum(-1).tolist()
     rows, total = pixel_values.shape[0], sum(placeholders)
     shares = [n * rows // total if total else 0 for n in placeholders]
@@ -200,9 +197,8 @@ def transformers_model(model):
 
 
 def teacher_mode(model):
-    """The context in which `model` is the teacher, the base weights with the adapter off (METHOD.md
-    4): PEFT's own disable_adapter() for a peft.PeftModel, adapter.adapter_disabled for this
-    project's."""
+    """The context in which `model` is the teacher, its adapter off (METHOD.md 4): PEFT's own
+    disable_adapter() for a peft.PeftModel, else adapter.adapter_disabled."""
     if hasattr(model, "get_base_model") and hasattr(model, "disable_adapter"):
         return model.disable_adapter()
     return adapter.adapter_disabled(model)

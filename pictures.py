@@ -17,8 +17,7 @@ def _font(size):
 
 
 def curves(x, series, path, title, shade=None, size=(760, 420)):
-    """Line plot: series = {label: (ys, colour)} over the same x; shade = (x0, x1) drawn as the
-    void."""
+    """Line plot: series = {label: (ys, colour)} over the same x; shade = (x0, x1), the void."""
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 50, 40, size[0] - 20, size[1] - 40

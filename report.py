@@ -30,9 +30,8 @@ METHODS = {"base": "base", "vcd": "VCD decoding", "seed_forward": "SEED forward 
 
 def evaluate(model, processor, pope_files, image_dir, answers_dir, config,
              decodings=("greedy", "sample"), contrast=False):
-    """POPE metrics: {decoding: {split: metrics}}; sampled decodings are the mean over seeds, with
-    f1_std. Answer files already in answers_dir are resumed (made with the same run's settings:
-    refused otherwise)."""
+    """POPE metrics, {decoding: {split: metrics}}, sampled ones the mean over seeds with f1_std.
+    Answer files already in answers_dir are resumed (when made with the same run's settings)."""
     results = {}
     for decoding in decodings:
         name = f"vcd-{decoding}" if contrast else decoding
@@ -189,8 +188,7 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
 
 
 def format_results(results, splits):
-    """One table: per split F1 and yes-ratio (greedy) and F1 (sampled, mean ± std), then the side
-    figures."""
+    """The table: per split greedy F1 and yes-ratio, sampled F1 (mean ± std); then the rest."""
     methods = [m for m in METHODS if m in results]
     cell = 28  # F1 greedy (7) + yes-ratio (7) + F1 sampled (14)
     head = f"{'POPE %':<16}" + "".join(
@@ -252,8 +250,7 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
 
 
 def measure(model, processor, data, answers_dir, config, contrast=False):
-    """One row of the table: POPE on every split (evaluate), and CHAIR on the toy world's
-    captions."""
+    """One row of the table: POPE on every split, and CHAIR on the toy world's captions."""
     pope = evaluate(model, processor, data.pope_files, image_dir=data.image_dir,
                     answers_dir=answers_dir, config=config, contrast=contrast)
     if data.world is not None:  # CHAIR needs the scenes' true contents
@@ -297,9 +294,8 @@ def partner_share(data, config, results, say):
 
 
 def round_figures(history):
-    """Each round's held-out void mass at its start and end, and its final loss (the mean of its
-    last 20 steps; a round finished before a --resume is replayed from its adapter and has no
-    log)."""
+    """Each round's held-out void mass at its start and end, and its final loss (mean of its last
+    20 steps; none for a round replayed from its adapter on --resume)."""
     return {"void_mass": [h["void_mass"] for h in history],
             "void_mass_at_start": [h["void_mass_at_start"] for h in history],
             "final_loss": [statistics.mean(x["loss"] for x in h["log"][-20:]) for h in history
@@ -307,8 +303,7 @@ def round_figures(history):
 
 
 def time_rows(model, processor, data, divergences, config, results):
-    """Every row's seconds per answer, on one freshly loaded copy of the weights (answer_costs),
-    into results."""
+    """Every row's seconds per answer into results, on one fresh copy of the weights."""
     rows = {"base": ({}, False), "vcd": ({}, True)}
     # the merged SEED model: the base plus each round's adapter, merged
     for divergence in divergences:

@@ -21,8 +21,7 @@ import distributed
 
 
 def write_json(path, value, **options):
-    """`value` as JSON in `path`, written to path + '.tmp' and renamed: never half a file under the
-    name."""
+    """`value` as JSON in `path`, via path + '.tmp' and a rename: never half a file there."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(value, f, **options)
@@ -69,8 +68,7 @@ def json_lines(path):
 
 def first_difference(made, wanted):
     """(setting, recorded value, wanted value) of the first setting in which two made_with records
-    differ (nested dicts looked into; in the order of `wanted`, then what only `made` has), or
-    None."""
+    differ, or None: nested dicts looked into, in the order of `wanted`, then `made`'s own."""
     for key in list(wanted) + [k for k in made if k not in wanted]:
         old, new = made.get(key), wanted.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
@@ -173,8 +171,8 @@ def read_examples_log(path, made_with):
 def examples_log(path, made_with, batch_size, progress=False):
     """seed.make_examples' `answer` for a run: the purified answers appended to the examples log at
     `path` as they are made, and a stopped run's records in it kept (each must be the very prompt
-    this run asks: the same kind, image and text), the rest decoded after them, split under
-    torchrun."""
+    this run asks: the same kind, image and text), the rest decoded after them, under torchrun
+    split over the processes."""
     # process 0 reads (and cuts a torn last line), every process continues from the same record
     left = distributed.broadcast(read_examples_log(path, made_with) if distributed.is_main()
                                  else None)
@@ -202,8 +200,7 @@ def examples_log(path, made_with, batch_size, progress=False):
 # Checkpoints: adapter + optimiser + step, written atomically, no pickle
 
 def save_checkpoint(model, optimizer, path, round_index, step, made_with=None):
-    """The adapter, the optimiser moments (safetensors) and the step (progress.json), as one folder
-    swapped in."""
+    """Adapter, optimiser moments (safetensors) and step (progress.json): one folder swapped in."""
     from safetensors.torch import save_file
 
     tmp = path + ".tmp"

@@ -90,8 +90,8 @@ def recorded_seed_step(model, batch, divergence="reverse", void_eps=1e-8):
     (seed.collate puts it in the batch: teacher_ids, teacher_logits): the student's pass alone, no
     teacher pass and no distorted image. Within a round the teacher does not move, and purify's cut
     makes it exactly sparse, so this is the online seed_step's loss with each example's distortion
-    fixed to the draw it was made with (METHOD.md 3). Returns (loss, (teacher_ids, teacher_logits),
-    student logits)."""
+    fixed to the draw it was made with (METHOD.md 3).
+    Returns (loss, (teacher_ids, teacher_logits), student logits)."""
     student = student_logits(model, batch)
     teacher = batch["teacher_ids"], batch["teacher_logits"]
     if divergence == "reverse":
@@ -179,8 +179,7 @@ def in_batches(batch_size):
 def encode_teacher(positions):
     """A purified teacher, [(kept token ids, their purified logits)] per response position, as a
     JSON-able record: the kept-token count of each position, and all ids (int32) and logits
-    (float32) as base64 bytes. Lossless (every other token is a void): about 11 bytes a kept
-    token."""
+    (float32) as base64 bytes. Lossless (every other token is a void); 11 bytes a kept token."""
     import base64
 
     ids = torch.cat([i for i, _ in positions]).to(torch.int32).numpy().tobytes()
@@ -350,8 +349,7 @@ def hold_out(examples, batch_size):
 
 
 def training_batch(examples, processor, images, batch_size, random_seed, round_index, step, device):
-    """The batch of one step, drawn from (random_seed, round, step) alone: a resumed run draws the
-    same ones."""
+    """One step's batch, drawn from (random_seed, round, step) alone: a resumed run redraws it."""
     rng = random.Random(f"{random_seed}/{round_index}/{step}")
     batch = collate(rng.sample(examples, min(batch_size, len(examples))), processor, images)
     return {k: v.to(device) for k, v in batch.items()}

@@ -124,8 +124,7 @@ def sample_scene(world, rng, partner_rate=0.6, min_objects=1):
 
 
 def render(scene, world, config=None):
-    """Draw the scene with pillow: each glyph in its grid cell, large or small, at the config's
-    contrast."""
+    """Draw the scene with pillow: each glyph in its grid cell, large or small, in its colour."""
     from PIL import Image, ImageDraw
 
     config = config or WorldConfig()
@@ -211,8 +210,7 @@ WORDS = (["user", "assistant", ":", "?", ".", ",", "is", "there", "a", "an", "in
 
 
 def make_tokenizer():
-    """A word-level tokenizer over the world's words, built locally with `tokenizers` (no
-    download)."""
+    """A word-level tokenizer over the world's words, built locally with `tokenizers`."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -269,8 +267,7 @@ _PROMPT_IDS = {}
 
 
 def prompt_ids(processor, text):
-    """Token ids of the templated prompt for `text`, the image placeholder expanded as the processor
-    does."""
+    """Token ids of the templated prompt for `text`, its image placeholder expanded."""
     key = (id(processor), text)
     if key not in _PROMPT_IDS:
         from PIL import Image
@@ -287,8 +284,8 @@ def response_ids(tokenizer, text):
 
 
 def collate(sequences, pad_id):
-    """Right-pad (prompt ids, response ids) pairs: input_ids, attention_mask, labels (-100 off the
-    response)."""
+    """Right-padded (prompt ids, response ids) pairs: input_ids, attention_mask, labels (-100
+    outside the response)."""
     length = max(len(p) + len(r) for p, r in sequences)
     input_ids = torch.full((len(sequences), length), pad_id)
     labels = torch.full((len(sequences), length), -100)
@@ -439,8 +436,7 @@ def unlabeled_images(world, n_images, seed=20_000, config=None, min_objects=3):
 
 @torch.no_grad()
 def yes_probability(model, processor, images, names, noise_step=None, seed=0):
-    """P('yes') / (P('yes') + P('no')) for 'Is there a {name}?' on each image, optionally
-    distorted."""
+    """P('yes') / (P('yes') + P('no')) for 'Is there a {name}?' on each image (or distorted)."""
     tokenizer = processor.tokenizer
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     inputs = models.prompt_batch(processor, images,

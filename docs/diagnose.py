@@ -34,8 +34,7 @@ import toyworld  # noqa: E402
 
 def run_examples(out, config, model, processor, images, object_names):
     """Round 0's reverse-KL examples as self_evolve made them: make_examples over the run's examples
-    log, which holds every answer (nothing is decoded again; a log made with other settings is
-    refused)."""
+    log, which holds every answer (nothing is decoded again; other settings' logs are refused)."""
     settings = dict(probes_per_image=config.probes_per_image, description=toyworld.DESCRIBE,
                     max_new_tokens=config.description_tokens, random_seed=config.seed,
                     **eval_pope.contrast_options(config))
@@ -69,8 +68,8 @@ def first_answers(model, processor, images, examples, batch_size=32):
 
 
 def changes_taken(base_top, student_top, teacher_top):
-    """(probes the teacher answers otherwise than the base, of them the student answers as the
-    teacher)."""
+    """(probes the teacher answers otherwise than the base, those of them the student answers as
+    the teacher does)."""
     changed = [i for i, (b, t) in enumerate(zip(base_top, teacher_top)) if b != t]
     return len(changed), sum(student_top[i] == teacher_top[i] for i in changed)
 
