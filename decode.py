@@ -33,8 +33,8 @@ def _sample_next(logits, generators, temperature, top_p):
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     # argmax(logits + Gumbel) is a draw from softmax(logits); per-row noise keeps rows independent
     # of the batch they happen to share.
-    uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(
-        logits.device)
+    uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators])
+    uniform = uniform.to(logits.device)
     gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
     return (logits + gumbel).argmax(-1)
 

@@ -1,5 +1,4 @@
-"""Several processes under torchrun: which share of the work is this process's, and the few
-collectives.
+"""Several processes under torchrun: which share of the work is this process's; the collectives.
 
 Not from the paper (ours): SEED's cost is decoding (the teacher's two-pass purified answers, POPE)
 and the SEED steps, so under `torchrun --nproc_per_node N train.py` each process decodes its share
@@ -25,8 +24,7 @@ def launched_processes():
 
 
 def start(timeout_minutes=30):
-    """Join torchrun's process group when launched by torchrun (WORLD_SIZE > 1); returns this
-    process's device.
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1); returns the device.
 
     Each process takes the GPU of its LOCAL_RANK, or the CPU (gloo) when there is none. Without
     torchrun nothing is started and the device is None (the caller's --device decides).
@@ -34,8 +32,8 @@ def start(timeout_minutes=30):
     if launched_processes() <= 1 or dist.is_initialized():
         return None
     cuda = torch.cuda.is_available()
-    device = torch.device(
-        f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo",
@@ -136,15 +134,14 @@ def sum_value(value):
 
 
 def process_rows(model, batch, noise_step, generator):
-    """This process's rows of a global batch under torchrun, and their share of its response
-    positions.
+    """This process's rows of a global batch, and their share of its response positions.
 
     The distortion is drawn for the whole batch first, with the step's generator, as one process
     draws it, and each process keeps its rows of it (distorted_pixel_values): N processes then see
     the noise one process would (noise_step None: no distortion, for a recorded teacher, whose
     positions are cut to this process's rows instead). The SEED loss is a mean over response
     positions, so a process's loss times its share, summed over the processes, is the one-process
-    loss (and so are the gradients, summed by sum_gradients).
+    loss (and so are the gradients, summed by sum_gradients). One process: the batch, share 1.
     """
     if world_size() == 1:
         return batch, 1.0
@@ -157,8 +154,8 @@ def process_rows(model, batch, noise_step, generator):
     per_row = batch["response_mask"][:, 1:].sum(-1).tolist()  # response positions of each row
     at, until = sum(per_row[:start]), sum(per_row[:stop])
     per_position = ("teacher_ids", "teacher_logits")
-    mine = {key: value[start:stop] for key, value in batch.items() if key not in ("pixel_values",)
-            + per_position}
+    mine = {key: value[start:stop] for key, value in batch.items()
+            if key not in ("pixel_values",) + per_position}
     mine.update({key: batch[key][at:until] for key in per_position if key in batch})
     mine.update(pixel_values=batch["pixel_values"][first:last])
     if noise_step is not None:

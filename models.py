@@ -1,13 +1,11 @@
-"""Every difference between the model families (LLaVA-1.5, InternVL, Qwen2-VL) and PEFT, in one
-file.
+"""Every difference between the model families (LLaVA-1.5, InternVL, Qwen2-VL) and PEFT.
 
 Paper: SEED (arXiv 2507.04680) is written for LLaVA-1.5 and InternVL2; the formulas (METHOD.md 1-5)
 do not change with the family, but where a family keeps its pixels, positions and placeholders does.
 Each function reads LLaVA's case first and each other family's branch after it:
 - loading a checkpoint folder and its processor (InternVL's and Qwen2-VL's without torchvision);
 - the chat prompt and a left-padded batch of image prompts;
-- the projected vision features (a list per image, or one tensor), the positions (Qwen2-VL's
-  M-RoPE);
+- the projected vision features (a list per image, or one tensor), the positions (M-RoPE);
 - the distortion's layout (Qwen2-VL's flattened patches, shared by a still image's temporal copies),
   and which pixel rows belong to which question (InternVL's tiles);
 - the placeholder token ids, never a valid answer token;

@@ -1,5 +1,4 @@
-"""train.py's report: POPE on every row, CHAIR on the toy world, the answer cost, the table, the
-pictures.
+"""train.py's report: POPE on every row, CHAIR on the toy world, answer costs, table, pictures.
 
 Paper: "Identify, Isolate, and Purge: Mitigating Hallucinations in LVLMs via Self-Evolving
 Distillation" (SEED), arXiv 2507.04680; POPE as METHOD.md 6 scores it. The rows: the base model, VCD

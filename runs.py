@@ -122,8 +122,7 @@ def resume_records(path, made_with):
 
 def decode_and_log(items, decode_batch, batch_size, path=None, made_with=None, offset=0,
                    progress=False, desc=None, total=None):
-    """decode_batch(chunk, indices) -> records, over `items` a batch at a time; returns the records
-    in order.
+    """decode_batch(chunk, indices) -> records over `items` a batch at a time, returned in order.
 
     indices: each item's place, offset + its index in `items` (what seeds its noise, so an answer
     never depends on the batch it fell in or on where a resumed run restarted). path: a JSON-lines

@@ -166,13 +166,13 @@ def purified_batch(model, processor, images, prompts, items, kind, max_new_token
 
 def in_batches(batch_size):
     """make_examples' default `answer`: every prompt decoded here, a batch at a time, nothing
-    written (train.py's is runs.examples_log: appended to a log, resumable, split under
-    torchrun)."""
+    written (train.py's is runs.examples_log: a resumable log, split under torchrun)."""
     def answer(prompts, decode_batch, kind):
-        return [record for start in range(0, len(prompts), batch_size)
-                for record in decode_batch(prompts[start:start + batch_size],
-                                           list(range(start,
-                                                      min(start + batch_size, len(prompts)))))]
+        records = []
+        for start in range(0, len(prompts), batch_size):
+            stop = min(start + batch_size, len(prompts))
+            records += decode_batch(prompts[start:stop], list(range(start, stop)))
+        return records
     return answer
 
 
