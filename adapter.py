@@ -26,8 +26,7 @@ from torch import nn
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-# PEFT's file names; its config is also adapter_config.json, so a PEFT copy goes in a folder of its
-# own
+# PEFT's file names; its config is also adapter_config.json, so a PEFT copy gets its own folder
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 

@@ -42,8 +42,7 @@ import seed
 SHAPES = {
     # the toy world's tiny LLaVA (toyworld.make_model), 16 image tokens
     "tiny": None,
-    # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens) + Vicuna-7B (Llama, 32 layers, 4096
-    # wide)
+    # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens) + Vicuna-7B (32 layers, 4096 wide)
     "llava-7b": dict(
         vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
                            num_hidden_layers=24, num_attention_heads=16, image_size=336,

@@ -102,7 +102,7 @@ def parse_config(argv=None, description=None):
             former = [f.metadata["former_name"]] if f.metadata["former_name"] else []
             parser.add_argument(flag, *former, type=kind, default=f.default,
                                 help=f.metadata["help"] + f" (default: {f.default})",
-                                choices=f.metadata.get("choices"))
+                                choices=f.metadata["choices"])
     args = parser.parse_args(argv)
     if args.noise_step is None:  # glyphs on a flat background survive more noise than photographs
         import toyworld
@@ -126,8 +126,8 @@ def image_names_in(folder):
     return sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg", ".png")))
 
 
-# Flags that change no answer, example or adapter: a resumed run may change them (the rest are
-# content_settings)
+# Flags that change no answer, example or adapter: a resumed run may change them (the others are
+# the content settings)
 NOT_CONTENT = ("resume", "overwrite", "skip_unreadable", "out", "device", "progress",
                "dist_timeout", "eval_batch_size", "checkpoint_every", "divergence",
                "sample_seeds")

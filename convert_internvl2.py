@@ -382,8 +382,8 @@ def sentencepiece_tokenizer(path, added_tokens, add_bos):
     decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tokenizer.decoder = decoders.Sequence(
         decode + ([decoders.Strip(" ", 1, 0)] if spec["add_dummy_prefix"] else []))
-    # control and user-defined pieces are never split by sentencepiece; then the folder's added
-    # tokens
+    # sentencepiece never splits control and user-defined pieces; after them, the folder's added
+    # tokens, unsplit too
     in_model = {i: (piece, kind == 3) for i, (piece, _, kind) in enumerate(pieces)
                 if kind in (3, 4)}
     for i, (content, special) in sorted({**in_model, **added_tokens}.items()):

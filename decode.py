@@ -127,7 +127,7 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
 
 
 def _cut_at(row, end_token_id):
-    """A row of token ids up to its first end token (all of it when there is none, or no end)."""
+    """A row of token ids up to its first end token (all of it without one, or when it is None)."""
     return row[:row.index(end_token_id)] if end_token_id in row else row
 
 

@@ -215,8 +215,8 @@ def image_problem(questions, question_file, image_dir, progress=False):
     """The first question whose image is missing or unreadable, as one sentence naming its line;
     None if all read."""
     if not os.path.isdir(image_dir):
-        return f"{image_dir}: not a folder" if os.path.exists(
-            image_dir) else f"{image_dir}: no such folder"
+        return f"{image_dir}: " + ("not a folder" if os.path.exists(image_dir)
+                                   else "no such folder")
     first = {}
     for q in questions:
         first.setdefault(q["image"], q)
@@ -257,8 +257,9 @@ def output_problem(flag, path, folder):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"{flag} {path}: cannot be made, {parent} is a file"
-    return None if os.access(
-        parent, os.W_OK) else f"{flag} {path}: cannot be made, {parent} is not writable"
+    if os.access(parent, os.W_OK):
+        return None
+    return f"{flag} {path}: cannot be made, {parent} is not writable"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,8 +444,6 @@ def main(argv=None):
                         help="answers files written by `answer`")
     scorer.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
-    if args.command == "answer":
-        args.decoding = FORMER_NAMES.get(args.decoding, args.decoding)
     command = {"build": build_command, "answer": answer_command,
                "score": score_command}[args.command]
     try:
@@ -530,6 +529,7 @@ def answer_problem(args):
 
 
 def answer_command(args):
+    args.decoding = FORMER_NAMES.get(args.decoding, args.decoding)
     refuse_if(answer_problem(args))
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]

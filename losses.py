@@ -40,8 +40,8 @@ def forward_kl(student_logits, teacher_logits, mask=None):
     log_q = F.log_softmax(student_logits.float(), dim=-1)
     log_p = F.log_softmax(teacher_logits.float(), dim=-1)
     p = log_p.exp()
-    # 0 log 0 = 0: zero the void log-probs *before* the product (masking after it gives NaN
-    # gradients).
+    # 0 log 0 = 0: zero the void log-probs *before* the product (masking it after the product
+    # gives NaN gradients).
     log_p = log_p.masked_fill(p == 0, 0.0)
     per_position = (p * (log_p - log_q)).sum(dim=-1)
     return _mean_over_positions(per_position, mask)
@@ -72,8 +72,8 @@ def void_mass(student_logits, teacher_logits, mask=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The same three on a sparse teacher: the purified distribution as its kept tokens alone (METHOD.md
-# 3)
+# The same three on a sparse teacher: the purified distribution as its kept tokens alone
+# (METHOD.md 3)
 #
 # purify keeps only the plausible set, so a purified teacher is exactly a short list per position:
 # teacher_ids (N, K) and their purified logits teacher_logits (N, K), a row padded with -inf logits

@@ -41,8 +41,8 @@ def load_processor(path):
     full = getattr(transformers, name or "", None)
     if full is None or is_torchvision_available() or "video_processor" not in full.get_attributes():
         return AutoProcessor.from_pretrained(path)
-    # ProcessorMixin loads and checks exactly the attributes get_attributes lists: leave the video
-    # one out
+    # ProcessorMixin loads and checks exactly the attributes that get_attributes lists, so the
+    # video processor is left out of that list
     attributes = [a for a in full.get_attributes() if a != "video_processor"]
     images_only = type(name, (full,), {"get_attributes": classmethod(lambda cls: attributes)})
     return images_only.from_pretrained(path)
@@ -58,8 +58,8 @@ def load_model(path, device="cpu", dtype=None):
         raise ValueError(f"{path}: AutoProcessor gave a {type(processor).__name__}, not an "
                          f"image-text processor: the folder's processor could not be built (no "
                          f"preprocessor_config.json?)")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype
-                                                        or torch.float32).to(device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
+    model = model.to(device).eval()
     return model, processor
 
 

@@ -27,8 +27,8 @@ NOISE_STEP = 500  # diffusion step k of the distortion
 def noise_schedule(num_steps=NUM_DIFFUSION_STEPS):
     """abar_k for k = 0..T-1 in float64: the share of the signal's variance left after k+1 steps."""
     # beta_s = sigmoid(linspace(-6, 6, T)) * (5e-3 - 1e-5) + 1e-5   (VCD's schedule)
-    betas = torch.sigmoid(
-        torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
+    s = torch.linspace(-6, 6, num_steps, dtype=torch.float64)
+    betas = torch.sigmoid(s) * (5e-3 - 1e-5) + 1e-5
     # abar_k = prod_{s<=k} (1 - beta_s)
     return torch.cumprod(1 - betas, dim=0)
 
@@ -43,8 +43,7 @@ def distort(pixel_values, noise_step=NOISE_STEP, generator=None):
     if not pixel_values.is_floating_point():
         raise ValueError(f"distort expects a float pixel tensor, got dtype {pixel_values.dtype}")
     abar = noise_schedule()[noise_step].item()
-    # Draw on the generator's device so one CPU generator gives the same noise whatever the tensor's
-    # device.
+    # Drawn on the generator's device: one CPU generator gives the same noise on any device.
     noise_device = generator.device if generator is not None else pixel_values.device
     noise = torch.randn(pixel_values.shape, generator=generator, device=noise_device,
                         dtype=torch.float32)

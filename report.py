@@ -41,8 +41,7 @@ def evaluate(model, processor, pope_files, image_dir, answers_dir, config,
             for s in seeds:
                 # resumed if it exists
                 path = os.path.join(answers_dir, f"{name}_{split}_seed{s}.jsonl")
-                # VCD contrasts with the flags' alpha, beta and noise step, the same contrast as
-                # SEED's teacher
+                # VCD with the flags' alpha, beta and noise step: the contrast of SEED's teacher
                 eval_pope.answer_questions(model, processor, question_file, image_dir=image_dir,
                                            out_path=path,
                                            made_with={"run": cli.run_fingerprint(config)},
@@ -88,8 +87,7 @@ def answer_costs(model, processor, question_file, image_dir, batch_size, rows, r
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            # Always 4 new tokens (no early stop), so every row does the same amount of decoding
-            # work.
+            # Always 4 new tokens (no early stop), so every row does the same decoding work.
             decode.generate(model, inputs, max_new_tokens=4, contrast=contrast)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -190,10 +188,10 @@ def format_results(results, splits):
     """The table: per split greedy F1 and yes-ratio, sampled F1 (mean ± std); then the rest."""
     methods = [m for m in METHODS if m in results]
     cell = 28  # F1 greedy (7) + yes-ratio (7) + F1 sampled (14)
-    head = f"{'POPE %':<16}" + "".join(
-        f"{s:>{cell}}" for s in splits) + f"{'CHAIRi':>8}{'CHAIRs':>8}{'void':>8}{'cost':>6}"
-    sub = f"{'':<16}" + f"{'F1':>7}{'yes':>7}{'F1 sampled':>14}" * len(
-        splits) + f"{'%':>8}{'%':>8}{'mass %':>8}{'x':>6}"
+    head = (f"{'POPE %':<16}" + "".join(f"{s:>{cell}}" for s in splits)
+            + f"{'CHAIRi':>8}{'CHAIRs':>8}{'void':>8}{'cost':>6}")
+    sub = (f"{'':<16}" + f"{'F1':>7}{'yes':>7}{'F1 sampled':>14}" * len(splits)
+           + f"{'%':>8}{'%':>8}{'mass %':>8}{'x':>6}")
     lines = [head, sub]
     base_cost = results["base"]["seconds_per_answer"]
     # The base model's void mass: the student before its first step, measured by each SEED run.

@@ -501,8 +501,7 @@ def false_positive_partners(question_file, answer_file, objects_by_image, world)
 
 
 # ---------------------------------------------------------------------------------------------
-# The shipped base model and the cache: build once, then reload with from_pretrained like a
-# checkpoint
+# The shipped base model and the cache: built once, then reloaded with from_pretrained
 
 CACHE_VERSION = 2  # bump when a change to the *training* (optimiser, schedule) changes the model
 # The default world's pretrained base model ships with the repository, so `python train.py` starts

@@ -147,8 +147,7 @@ def tiny_internvl_processor():
                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
     # InternVL's image content
     template = toyworld.CHAT_TEMPLATE.replace("<image>\n", "<IMG_CONTEXT>\n")
-    # image_seq_length: tokens per tile = (32 / 8 patches) ** 2 * downsample_ratio ** 2 = 4
-    # (tiny_internvl)
+    # image_seq_length: tiny_internvl's tokens per tile, (32 / 8 patches) ** 2 * 0.5 ** 2 = 4
     class InternVLImageProcessor(InternVLProcessor):
         @classmethod
         def get_attributes(cls):

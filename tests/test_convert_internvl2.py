@@ -436,8 +436,8 @@ def test_the_chat_prompt_is_internvl2s_conversation_token_for_token(converted):
 
         reference = AutoTokenizer.from_pretrained(src)(expected).input_ids
     assert batch["input_ids"][0].tolist() == reference
-    # a turn ends at the template's separator: the converted tokenizer's end token, and a stop of
-    # generation
+    # a turn ends at the template's separator, which is the converted tokenizer's end token: where
+    # generation stops
     assert processor.tokenizer.eos_token == "<|im_end|>"
     generation = json.load(open(os.path.join(dst, "generation_config.json")))
     assert ids["<|im_end|>"] in generation["eos_token_id"]

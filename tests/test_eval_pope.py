@@ -354,8 +354,8 @@ def test_vcd_tokens_are_purify_of_independent_full_passes_at_every_position(llav
     ids = decode.generate(llava, llava_inputs, steps, sample=sample, contrast=True, alpha=alpha,
                           beta=beta, noise_step=noise_step,
                           generators=[torch.Generator().manual_seed(s) for s in seeds])
-    # The same noise, drawn independently: each question's image from its own generator, which then
-    # samples.
+    # The same noise, drawn independently: each question's image is distorted by its own
+    # generator, which then samples.
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     clean_pixels = llava_inputs["pixel_values"]
     distorted_pixels = torch.cat(

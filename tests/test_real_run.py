@@ -67,8 +67,8 @@ def test_a_real_run_writes_results_a_merged_checkpoint_and_a_peft_adapter(real_r
                 for line in open(os.path.join(out, "seed_reverse", "round0", "examples.jsonl"))]
     assert [e["kind"] for e in examples] == ["description"] * 4 + ["probe"] * 4
 
-    # The merged model: an ordinary checkpoint, equal to the base plus the round's adapter, merged
-    # here.
+    # The merged model: an ordinary checkpoint, equal to the base with the round's adapter merged
+    # into it here.
     merged_dir = os.path.join(out, "seed_reverse", "merged")
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     processor = AutoProcessor.from_pretrained(merged_dir)
@@ -110,14 +110,12 @@ def test_a_finished_real_run_resumes_without_redoing_anything(real_run, monkeypa
     # every answer file was complete:
     for method in ("base", "vcd", "seed_reverse", "seed_reverse_vcd"):
         assert again[method]["greedy"] == results[method]["greedy"]  # nothing answered again
-    # The only decoding left: the answer-cost timing, 21 rounds of the four rows (it is measured
-    # anew)
+    # The only decoding left: the answer-cost timing, 21 rounds of the four rows (measured anew)
     assert len(calls) == 21 * 4
 
 
 # ---------------------------------------------------------------------------------------------
-# InternVL and Qwen2.5-VL checkpoint folders as the hub ships them, loaded by the project's own
-# install
+# InternVL and Qwen2.5-VL folders as the hub ships them, loaded by the project's own install
 
 HUB_FOLDERS = {"InternVL3-1B-hf": replica.internvl3_hf_folder,
                "Qwen2.5-VL-7B-Instruct": replica.qwen2_5_vl_folder}

@@ -118,8 +118,7 @@ def test_the_recorded_teacher_equals_the_online_one_given_the_examples_noise(nam
     assert online.shape[0] == sum(len(e["response"]) for e in examples)
     # Decoding never emits an image placeholder: it is a void there, and the cut is taken among the
     # tokens that may be emitted. So the recorded teacher is purify of the online teacher's own two
-    # passes with the placeholders cut first, and the online one purify of the same passes as they
-    # are.
+    # passes with the placeholders cut first, and the online one purify of the same passes, uncut.
     placeholders = models.placeholder_token_ids(model, processor)
     with torch.no_grad(), adapter.adapter_disabled(model):
         grid = batch.get("image_grid_thw")

@@ -160,8 +160,7 @@ def test_choose_probes_asks_about_named_objects_and_their_co_occurring_ones():
     import random
 
     objects = ["cat", "dog", "cup", "key", "hat", "bell", "drum", "kite"]
-    # Across the descriptions "cat" comes with "dog" (3 times) far more often than with anything
-    # else.
+    # Across the descriptions "cat" comes with "dog" (3 times) far more often than with any other.
     named = [["cat", "dog"], ["cat", "dog"], ["cat", "dog", "cup"], ["cat"], ["key"], []]
     chosen = seed.choose_probes(named, objects, probes_per_image=6, rng=random.Random(0))
     assert [len(c) for c in chosen] == [6] * 6 and all(len(set(c)) == 6 for c in chosen)
@@ -173,8 +172,7 @@ def test_choose_probes_asks_about_named_objects_and_their_co_occurring_ones():
     # co-occur with "cat" ("dog" 3 times, "cup" once), whatever the rng; the other 3 are random.
     for s in range(20):
         assert {"dog", "cup"} <= set(seed.choose_probes(named, objects, 6, random.Random(s))[3])
-    # "key" co-occurs with nothing: its other probes are random unnamed objects (but not "key"
-    # twice).
+    # "key" co-occurs with nothing: its other probes are random unnamed objects (never "key" twice)
     assert chosen[4].count("key") == 1
     # More named objects than half the probes: only half go to them, the rest are unnamed.
     many = seed.choose_probes([objects[:5]], objects, probes_per_image=4, rng=random.Random(1))[0]
@@ -414,8 +412,8 @@ def test_a_run_stopped_during_example_generation_resumes_to_the_same_examples_an
                         **k: made_again.append(1) or real_generate(*a, **k))
     resumed = toyworld.make_model(processor.tokenizer, seed=0)
     small_evolve(resumed, processor, str(tmp_path / "part"), resume=True)
-    # The six descriptions were not decoded again: only the probes (3 batches of 4) and the
-    # void-mass passes.
+    # The six descriptions were not decoded again: only the probes were (3 batches of 4), and the
+    # void mass's passes ran.
     assert log.read_text() == (tmp_path / "whole" / "round0" / "examples.jsonl").read_text()
     assert len(made_again) == 3
     for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):

@@ -41,8 +41,8 @@ def test_train_at_a_tiny_budget_writes_a_valid_results_json(tmp_path):
         assert 0.0 <= results[method]["void_mass"][0] <= 1.0
         assert (out / method / "round0" / "adapter.safetensors").exists()
     assert "diagnostic" in results
-    # SEED + VCD: VCD decoding (the run's contrast) on the merged reverse-KL model, as eval_pope.py
-    # answers it
+    # SEED + VCD: VCD decoding (the run's contrast) on the merged reverse-KL model, the same as
+    # eval_pope.py's answers
     import cli
     import eval_pope
     import toyworld
