@@ -9,9 +9,11 @@ B = 0 makes the student start exactly equal to the teacher, and the teacher *is*
 the adapter switched off, so one copy of the weights serves both. Merging W <- W + (alpha_r / r) B A
 afterwards leaves a plain model with zero inference overhead.
 
-Not from the paper (ours): targets q_proj and v_proj of every decoder layer, rank 8, alpha_r 16;
-the adapter's own weights are kept in float32 even when the model is bf16 (small updates to a
-zero-initialised B vanish in bf16 rounding); files are safetensors + JSON, never pickle.
+Not from the paper (ours): targets q_proj and v_proj of every decoder layer, rank 8, alpha_r 16
+(`add_adapter(targets=...)` takes any of the language model's linear layers); the adapter's own
+weights are kept in float32 even when the model is bf16 (small updates to a zero-initialised B
+vanish in bf16 rounding), its product computed in the activations' dtype; files are safetensors +
+JSON, never pickle.
 save_peft_adapter writes the same adapter in PEFT's LoRA format, for use with peft elsewhere.
 Imports: torch and the standard library only (safetensors comes with torch's ecosystem and is
 imported where it is used), so this file can be copied on its own.
@@ -20,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import re
 
 import torch
 from torch import nn
@@ -51,8 +54,11 @@ class AdapterLinear(nn.Module):
         out = self.base(x)
         if not self.enabled:  # the teacher: exactly the base layer, not base + 0
             return out
-        update = (x.to(self.A.dtype) @ self.A.T) @ self.B.T  # B A x, in the adapter's float32
-        return out + (self.scale * update).to(out.dtype)
+        # B A x in the activations' dtype: under autocast the matmuls run in bf16 whatever their
+        # inputs, so a float32 copy of x would only be one more tensor saved for the backward
+        # (bench.py --memory); A and B stay float32 parameters, where the small steps accumulate
+        update = (x @ self.A.T.to(x.dtype)) @ self.B.T.to(x.dtype)
+        return out + self.scale * update
 
 
 def language_model(model, decoder=None):
@@ -89,23 +95,50 @@ def _set_submodule(root, qualified_name, module):
     setattr(root.get_submodule(parent_name) if parent_name else root, child_name, module)
 
 
-def add_adapter(model, rank=8, alpha_r=16.0, targets=("q_proj", "v_proj"), decoder=None):
-    """Wrap every nn.Linear of the language model (language_model(model, decoder)) whose name ends
-    with a target; freeze all else. Returns the trainable parameters (every adapter's A and B).
-    """
-    if adapter_layers(model):
-        raise ValueError(
-            "model already has an adapter: merge_adapter(model) first, or keep training this one")
-    decoder_name, decoder = decoder, language_model(model, decoder)
-    linears = {name: m for name, m in decoder.named_modules() if isinstance(m, nn.Linear)}
+# Short names for sets of targets, as `train.py --adapter-targets` takes them (PEFT calls the last
+# one "all-linear" too: every linear layer of the language model, its output head excluded)
+TARGET_SETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+               "mlp": ("gate_proj", "up_proj", "down_proj")}
+ALL_LINEAR = "all-linear"
+
+
+def parse_targets(text):
+    """"q_proj,v_proj", "attention", "attention,mlp" or "all-linear" as a tuple of target names
+    (the sets spelled out; all-linear kept as the one name add_adapter expands itself)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    expanded = [t for name in names for t in TARGET_SETS.get(name, (name,))]
+    return (ALL_LINEAR,) if ALL_LINEAR in expanded else tuple(dict.fromkeys(expanded))
+
+
+def target_layers(model, targets=("q_proj", "v_proj"), decoder=None):
+    """{qualified name in the decoder: nn.Linear} of every linear layer of the language model
+    (language_model(model, decoder)) whose name ends with a target, or all of them for
+    ("all-linear",); a target that matches none is an error naming the names it could match."""
+    linears = {name: m for name, m in language_model(model, decoder).named_modules()
+               if isinstance(m, nn.Linear)}
+    if tuple(targets) == (ALL_LINEAR,):
+        return linears
     chosen = {}
     for target in targets:
         matches = [name for name in linears if name == target or name.endswith("." + target)]
         if not matches:
             suffixes = sorted({name.rpartition(".")[2] for name in linears})
             raise ValueError(f"adapter target {target!r} matches no nn.Linear in the language "
-                             f"model; Linear names it could match: {suffixes}")
+                             f"model; Linear names it could match: {suffixes} (or {ALL_LINEAR})")
         chosen.update({name: linears[name] for name in matches})
+    return chosen
+
+
+def add_adapter(model, rank=8, alpha_r=16.0, targets=("q_proj", "v_proj"), decoder=None):
+    """Wrap every nn.Linear of the language model (language_model(model, decoder)) whose name ends
+    with a target (target_layers; ("all-linear",): every one); freeze all else. Returns the
+    trainable parameters (every adapter's A and B).
+    """
+    if adapter_layers(model):
+        raise ValueError(
+            "model already has an adapter: merge_adapter(model) first, or keep training this one")
+    decoder_name, decoder = decoder, language_model(model, decoder)
+    chosen = target_layers(model, targets, decoder_name)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     trainable = []
@@ -152,17 +185,38 @@ def merge_adapter(model):
     return model
 
 
+def remove_adapter(model):
+    """Each wrapper replaced by its base layer, the update thrown away: the model as it was before
+    add_adapter (its parameters still frozen); returns the model."""
+    for name, layer in adapter_layers(model).items():
+        _set_submodule(model, name, layer.base)
+    if hasattr(model, "_adapter_settings"):
+        del model._adapter_settings
+    return model
+
+
 def _write_adapter_files(path, tensors, weights_name, config, config_name, metadata=None):
     """<path>/<weights_name> (safetensors) and <path>/<config_name> (JSON), each written under a
     temporary name and renamed, so a crash never leaves a half-written adapter behind."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, weights_name + ".tmp"), metadata=metadata)
-    with open(os.path.join(path, config_name + ".tmp"), "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(os.path.join(path, weights_name + ".tmp"), os.path.join(path, weights_name))
-    os.replace(os.path.join(path, config_name + ".tmp"), os.path.join(path, config_name))
+    written = [os.path.join(path, name + ".tmp") for name in (weights_name, config_name)]
+    try:
+        save_file(tensors, written[0], metadata=metadata)
+        with open(written[1], "w") as f:
+            json.dump(config, f, indent=2)
+    except BaseException as error:  # a full disk, say: no half-written file left beside it
+        for tmp in written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        # safetensors reports a failed write as "... (os error 28)": raise the OSError it is
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code and not isinstance(error, OSError):
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from error
+        raise
+    os.replace(written[0], os.path.join(path, weights_name))
+    os.replace(written[1], os.path.join(path, config_name))
 
 
 def save_adapter(model, path):

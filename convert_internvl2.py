@@ -556,6 +556,25 @@ def convert(src, dst):
     return written
 
 
+def destination_problem(src, dst, overwrite=False):
+    """Why `dst` may not be written for `src`, or None: src without its config.json; dst that is
+    src, holds it or lies inside it (replacing it would delete the source); an existing dst without
+    --overwrite."""
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        return f"{src}: no config.json" + (" (no such folder)" if not os.path.exists(src) else "")
+    source, target = os.path.realpath(src), os.path.realpath(dst.rstrip("/") or dst)
+    if target == source or source.startswith(target + os.sep):
+        return (f"dst {dst} is src or holds it: converting would delete the source; choose a "
+                f"folder outside {src}")
+    if target.startswith(source + os.sep):
+        return f"dst {dst} lies inside src {src}: choose a folder outside it"
+    if os.path.exists(dst) and not overwrite:
+        return f"dst {dst} exists: --overwrite replaces it, or choose another folder"
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        return f"dst {dst} is a file, not a folder"
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0]
                                      + " Reads local files only.",
@@ -563,16 +582,22 @@ def main(argv=None):
     parser.add_argument("src",
                         help="an InternVL2 folder as its hub repository ships it (config.json with "
                              "llm_config / vision_config, safetensors, tokenizer files)")
-    parser.add_argument("dst", help="the folder to write (replaced if it exists)")
+    parser.add_argument("dst", help="the folder to write; it must not exist, unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing dst (never src, nor a folder holding it or "
+                             "inside it)")
     args = parser.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.src, "config.json")):
-        parser.exit(2, f"convert_internvl2.py: error: {args.src}: no config.json\n")
-    if os.path.abspath(args.src) == os.path.abspath(args.dst):
-        parser.exit(2, "convert_internvl2.py: error: dst must not be src\n")
+    problem = destination_problem(args.src, args.dst, args.overwrite)
+    if problem:
+        parser.exit(2, f"convert_internvl2.py: error: {problem}\n")
     try:
         written = convert(args.src, args.dst)
     except Refused as refusal:
         parser.exit(2, f"convert_internvl2.py: error: {refusal}\n")
+    except OSError as error:  # a full disk, say: nothing half-written is left, dst is as it was
+        shutil.rmtree(args.dst.rstrip("/") + ".tmp", ignore_errors=True)
+        parser.exit(1, f"convert_internvl2.py: error: writing {error.filename or args.dst}: "
+                       f"{error.strerror or error}; {args.dst} is as it was before\n")
     print(f"{args.dst}: InternVLForConditionalGeneration, {len(written)} tensors; "
           f"python train.py --model {args.dst} ... runs on it")
 

@@ -94,8 +94,11 @@ def generate(model, inputs, max_new_tokens=8, sample=False, contrast=False, gene
                               dtype=torch.long, device=attention_mask.device)
     positions = models.position_ids(model, inputs["input_ids"], attention_mask,
                                     inputs.get("image_grid_thw"))
+    # logits at the last position only: the one the loop reads (not [batch, length, vocabulary],
+    # several GB at InternVL's tiles and Qwen2's 151k-token vocabulary)
     outputs = [model(input_ids=inputs["input_ids"], attention_mask=attention_mask,
-                     position_ids=positions, pixel_values=pixels, use_cache=True, **extra)
+                     position_ids=positions, pixel_values=pixels, use_cache=True,
+                     logits_to_keep=1, **extra)
                for pixels in streams]
     finished = torch.zeros(batch, dtype=torch.bool, device=attention_mask.device)
     tokens, recorded = [], [[] for _ in range(batch)]

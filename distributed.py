@@ -137,33 +137,41 @@ def sum_value(value):
     return tensor.item()
 
 
-def process_rows(model, batch, noise_step, generator):
-    """This process's rows of a global batch, and their share of its response positions.
+def process_rows(model, batch, noise_step, generator, micro_batch_size=None):
+    """This process's rows of a global batch, in micro-batches of at most micro_batch_size rows,
+    each with its share of the batch's response positions: [(micro-batch, share)].
 
-    The distortion is drawn for the whole batch first, with the step's generator, as one process
-    draws it, and each process keeps its rows of it (distorted_pixel_values): N processes then see
-    the noise one process would (noise_step None: no distortion, for a recorded teacher, whose
-    positions are cut to this process's rows instead). The SEED loss is a mean over response
-    positions, so a process's loss times its share, summed over the processes, is the one-process
-    loss (and so are the gradients, summed by sum_gradients). One process: the batch, share 1.
+    The SEED loss is a mean over response positions, so a micro-batch's loss times its share,
+    summed over the micro-batches and the processes, is the whole batch's loss (and so are the
+    gradients, accumulated by backward and summed over the processes by sum_gradients): N
+    processes and M micro-batches give one process's step on the whole batch, up to float rounding
+    (METHOD.md 7). The distortion is drawn for the whole batch first, with the step's generator, as
+    one process draws it, and each part keeps its rows of it (distorted_pixel_values); noise_step
+    None: no distortion, for a recorded teacher, whose positions are cut to the part's rows
+    instead. One process and no smaller micro-batch: the batch as it is, share 1.
     """
-    if world_size() == 1:
-        return batch, 1.0
     rows = batch["input_ids"].shape[0]
+    micro_batch_size = micro_batch_size or rows
+    if world_size() == 1 and micro_batch_size >= rows:
+        return [(batch, 1.0)]
     per_process = -(-rows // world_size())
     start, stop = process_slice(rows, per_process)
     net = models.transformers_model(model)
     pixel_rows = models.pixel_rows_per_question(net, batch["pixel_values"], batch["input_ids"])
-    first, last = sum(pixel_rows[:start]), sum(pixel_rows[:stop])
     per_row = batch["response_mask"][:, 1:].sum(-1).tolist()  # response positions of each row
-    at, until = sum(per_row[:start]), sum(per_row[:stop])
-    per_position = ("teacher_ids", "teacher_logits")
-    mine = {key: value[start:stop] for key, value in batch.items()
-            if key not in ("pixel_values",) + per_position}
-    mine.update({key: batch[key][at:until] for key in per_position if key in batch})
-    mine.update(pixel_values=batch["pixel_values"][first:last])
-    if noise_step is not None:
-        mine["distorted_pixel_values"] = models.distort_images(net, batch["pixel_values"],
-                                                               noise_step, generator)[first:last]
-    positions = batch["response_mask"][:, 1:]
-    return mine, float(positions[start:stop].sum() / positions.sum())
+    distorted = None if noise_step is None else models.distort_images(
+        net, batch["pixel_values"], noise_step, generator)
+    parts = []
+    for first in range(start, stop, micro_batch_size):
+        last = min(first + micro_batch_size, stop)
+        pixels = slice(sum(pixel_rows[:first]), sum(pixel_rows[:last]))
+        positions = slice(sum(per_row[:first]), sum(per_row[:last]))
+        part = {key: value[first:last] for key, value in batch.items()
+                if key not in ("pixel_values", "teacher_ids", "teacher_logits")}
+        part.update({key: batch[key][positions] for key in ("teacher_ids", "teacher_logits")
+                     if key in batch})
+        part.update(pixel_values=batch["pixel_values"][pixels])
+        if distorted is not None:
+            part["distorted_pixel_values"] = distorted[pixels]
+        parts.append((part, sum(per_row[first:last]) / sum(per_row)))
+    return parts

@@ -122,9 +122,7 @@ def build_questions(objects_by_image, split, per_image=3, seed=0):
 
 
 def write_jsonl(records, path):
-    with open(path, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    runs.write_json_lines(path, records)
 
 
 def objects_from_coco(coco):
@@ -151,6 +149,14 @@ def load_questions(path, labelled=False):
         if missing:
             raise ValueError(
                 f"{path}:{line_number}: question_id {record.get('question_id')} lacks {missing}")
+        kinds = {"question_id": "an integer", "image": "a string (a file name)",
+                 "text": "a string"}
+        wrong = next((key for key, kind in kinds.items()
+                      if not (isinstance(record[key], int) and not isinstance(record[key], bool)
+                              if key == "question_id" else isinstance(record[key], str))), None)
+        if wrong:
+            raise ValueError(f"{path}:{line_number}: \"{wrong}\" must be {kinds[wrong]} (as in "
+                             f"POPE's files), got {json.dumps(record[wrong])[:60]}")
         if labelled and record["label"] not in ("yes", "no"):
             raise ValueError(f"{path}:{line_number}: question_id {record['question_id']}: label "
                              f"must be yes or no, got {record['label']!r}")
@@ -205,9 +211,10 @@ def unreadable_images(paths, progress=False, desc="checking images"):
                 # a JPEG decodes at 1/8 scale: ~10x faster, every byte still read
                 image.draft("RGB", (1, 1))
                 image.load()
-        # PIL raises SyntaxError on some broken headers
-        except (OSError, ValueError, SyntaxError) as error:
-            bad.append((path, str(error)))
+        # PIL raises SyntaxError on some broken headers, DecompressionBombError on images of more
+        # than 2 x Image.MAX_IMAGE_PIXELS pixels (a file that would fill the memory)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            bad.append((path, " ".join(str(error).split())[:200]))
     return bad
 
 
@@ -247,6 +254,8 @@ def out_of_range(flag, value, low=None, high=None, above=False, below=False):
 
 def output_problem(flag, path, folder):
     """Why `path` cannot be written as an output folder (folder=True) or file, or None."""
+    if not path.strip():
+        return f"{flag} is empty: name a {'folder' if folder else 'file'}"
     if os.path.exists(path):
         if folder != os.path.isdir(path):
             return f"{flag} {path}: " + ("a file, not a folder" if folder
@@ -285,7 +294,7 @@ def answer_settings(question_file, decoding, seed, max_new_tokens, made_with=Non
 
 def answer_questions(model, processor, question_file, image_dir, out_path, decoding="greedy",
                      batch_size=16, seed=0, max_new_tokens=8, progress=True, made_with=None,
-                     **decode_options):
+                     meter=None, **decode_options):
     """Answer every question of `question_file`, appending JSON lines to `out_path` as they come.
 
     Rerunning with the same `out_path` and settings resumes after the last answer written; a file
@@ -296,33 +305,56 @@ def answer_questions(model, processor, question_file, image_dir, out_path, decod
     questions = load_questions(question_file)
     settings = answer_settings(question_file, decoding, seed, max_new_tokens, made_with,
                                **decode_options)
+    items = [{"question_id": q["question_id"], "prompt": q["text"] + PROMPT_SUFFIX,
+              "label": q.get("label"), "_image": os.path.join(image_dir, q["image"])}
+             for q in questions]
+    return answer_prompts(model, processor, items, "question_id", out_path, settings, decoding,
+                          batch_size, seed, max_new_tokens, progress=progress, meter=meter,
+                          desc=f"POPE {decoding}", **decode_options)
+
+
+def answer_prompts(model, processor, items, id_key, out_path, settings, decoding="greedy",
+                   batch_size=16, seed=0, max_new_tokens=8, text_key="text", progress=True,
+                   meter=None, desc=None, **decode_options):
+    """One answer per item, decoded with `decoding` and appended to `out_path` as JSON lines as
+    they come (POPE's questions here, CHAIR's descriptions in eval_chair.py).
+
+    items: {id_key: its id (one answer each; it seeds the item's noise, so an answer never depends
+    on its batch), "prompt": the text, "_image": the image's path, and any fields to copy into its
+    answer}. Each answer is {id_key, "prompt", text_key: the decoded text, the item's other fields,
+    "made_with": settings}; a file holding answers made with other settings is refused
+    (runs.resume_records), one made with these is resumed after its last answer. Each batch's
+    images are read on a thread while the batch before is decoded; meter(answers, seconds) is told
+    of each batch (optional). Returns every answer, in the items' order.
+    """
     # Under torchrun process 0 reads the file (cutting a torn last line) and writes it
     answers = distributed.broadcast(runs.resume_records(out_path, settings) if distributed.is_main()
                                     else None)
-    done = {a["question_id"] for a in answers}
-    todo = [q for q in questions if q["question_id"] not in done]
+    done = {a[id_key] for a in answers}
+    todo = [item for item in items if item[id_key] not in done]
     device = next(model.parameters()).device
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
 
-    def answer_batch(batch, _):
-        prompts = [q["text"] + PROMPT_SUFFIX for q in batch]
-        inputs = models.prompt_batch(processor,
-                                     [os.path.join(image_dir, q["image"]) for q in batch], prompts,
-                                     device)  # reads the images (an unreadable one is named)
-        # noise by question, not by batch
-        generators = [decode.seeded_generator(seed, int(q["question_id"])) for q in batch]
-        ids = decode.generate(model, inputs, max_new_tokens, generators=generators,
+    def prepare(batch):  # on a thread, a batch ahead: reads the images (an unreadable one named)
+        return models.prompt_batch(processor, [item["_image"] for item in batch],
+                                   [item["prompt"] for item in batch])
+
+    def answer_batch(batch, _, inputs):
+        generators = [decode.seeded_generator(seed, int(item[id_key])) for item in batch]
+        ids = decode.generate(model, inputs.to(device), max_new_tokens, generators=generators,
                               eos_token_id=processor.tokenizer.eos_token_id,
                               suppress_token_ids=models.placeholder_token_ids(model, processor),
                               **DECODINGS[decoding], **decode_options)
-        return [{"question_id": q["question_id"], "prompt": prompt,
-                 "text": processor.tokenizer.decode(row, skip_special_tokens=True).strip(),
-                 "label": q.get("label")}
-                for q, prompt, row in zip(batch, prompts, ids)]
+        return [{id_key: item[id_key], "prompt": item["prompt"],
+                 text_key: processor.tokenizer.decode(row, skip_special_tokens=True).strip(),
+                 **{k: v for k, v in item.items() if k not in (id_key, "prompt")
+                    and not k.startswith("_")}}
+                for item, row in zip(batch, ids)]
 
     answers += runs.decode_and_log(todo, answer_batch, batch_size, out_path, settings,
-                                   progress=progress, desc=f"POPE {decoding}", total=len(questions))
-    distributed.barrier()  # the file is complete before any process scores it
+                                   progress=progress, desc=desc, total=len(items),
+                                   prepare=prepare, meter=meter)
+    distributed.barrier()  # the file is complete before any process reads it
     return answers
 
 
@@ -385,9 +417,12 @@ def score_files(question_file, answer_file):
 
 def format_table(rows):
     """rows: {name: metrics}, in percent: accuracy, precision, recall, F1, yes-ratio."""
-    lines = [f"{'':<28}{'accuracy':>10}{'precision':>11}{'recall':>9}{'F1':>8}{'yes-ratio':>11}"]
+    width = max([28] + [len(name) + 2 for name in rows])
+    lines = [f"{'':<{width}}{'accuracy':>10}{'precision':>11}{'recall':>9}{'F1':>8}"
+             f"{'yes-ratio':>11}"]
     for name, m in rows.items():
-        lines.append(f"{name:<28}{m['accuracy']:>10.2%}{m['precision']:>11.2%}{m['recall']:>9.2%}"
+        lines.append(f"{name:<{width}}{m['accuracy']:>10.2%}{m['precision']:>11.2%}"
+                     f"{m['recall']:>9.2%}"
                      f"{m['f1']:>8.2%}{m['yes_ratio']:>11.2%}".replace("%", ""))
     return "\n".join(lines)
 
@@ -411,6 +446,8 @@ def main(argv=None):
     build.add_argument("--per-image", type=int, default=3,
                        help="positives (and negatives) per image")
     build.add_argument("--seed", type=int, default=0, help="seed for the random choices")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace question files already in --out (refused without it)")
 
     answer = commands.add_parser("answer", help="run a model over a question file, resumably")
     answer.add_argument("--model", required=True,
@@ -464,20 +501,84 @@ def refuse_if(problem):
 
 def read_json(path, flag):
     """A JSON file, or a refusal naming the flag, the file and where it breaks."""
-    refuse_if(None if os.path.isfile(path) else f"{flag} {path}: no such file")
+    refuse_if(None if os.path.isfile(path) else f"{flag} {path}: " + (
+        "a folder, not a file" if os.path.isdir(path) else "no such file"))
+    try:
+        return read_coco(path)
+    except ValueError as error:
+        raise Refused(f"{flag} {error}") from None
+
+
+def read_coco(path):
+    """A JSON file (COCO's annotations, or any), or a ValueError naming it and where it breaks."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         parsed = isinstance(error, json.JSONDecodeError)
         where = f":{error.lineno}:{error.colno}: {error.msg}" if parsed else f": {error}"
-        raise Refused(f"{flag} {path}{where} (not a JSON file)") from None
+        raise ValueError(f"{path}{where} (not a JSON file)") from None
+
+
+def folder_problem(flag, path):
+    """Why `path` is not a folder to read, or None."""
+    if os.path.isdir(path):
+        return None
+    return f"{flag} {path}: " + ("not a folder" if os.path.exists(path) else "no such folder")
+
+
+def model_problem(path):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return (f"--model {path}: not a local checkpoint folder (no config.json; nothing is "
+                "downloaded)")
+    return None
+
+
+def contrast_problem(args):
+    """The first of --alpha, --beta, --noise-step out of its range, or None."""
+    return (out_of_range("--alpha", args.alpha, low=0)
+            or out_of_range("--beta", args.beta, 0, 1, above=True)
+            or out_of_range("--noise-step", args.noise_step, 0, purge.NUM_DIFFUSION_STEPS - 1))
+
+
+def device_problem(device):
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        return f"--device {device}: no such device here (cpu, or cuda when there is one)"
+    return None
+
+
+def weights_dtype(name, device):
+    """--dtype: auto is bfloat16 on a GPU, float32 on the CPU."""
+    return {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+            "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def claim_output(path):
+    """The output file claimed for this process (runs.claim), or a refusal naming the process that
+    holds it: two writers would interleave their answers."""
+    try:
+        return runs.claim(path)
+    except runs.InUse as error:
+        raise Refused(str(error)) from None
+
+
+def load_or_refuse(path, device, dtype):
+    """models.load_model, or a one-line refusal naming the folder and the cause."""
+    try:
+        return models.load_model(path, device, dtype)
+    except Exception as error:  # transformers', safetensors' and tokenizers' errors alike
+        raise Refused(f"--model {path}: cannot be loaded ({runs.short(error)})") from None
 
 
 def build_command(args):
     refuse_if(None if args.per_image >= 1
               else f"--per-image must be at least 1, got {args.per_image}")
     refuse_if(output_problem("--out", args.out, folder=True))
+    written = [os.path.join(args.out, f"{args.prefix}_pope_{split}.json") for split in SPLITS]
+    existing = [p for p in written if os.path.exists(p)]
+    refuse_if(f"--out {args.out}: {os.path.basename(existing[0])} exists ({len(existing)} of the "
+              f"three files): --overwrite replaces them, or another --out or --prefix"
+              if existing and not args.overwrite else None)
     if args.objects:
         objects = read_json(args.objects, "--objects")
         if not isinstance(objects, dict) or not all(isinstance(v, list)
@@ -499,27 +600,20 @@ def build_command(args):
     os.makedirs(args.out, exist_ok=True)
     for split, records in splits.items():
         path = os.path.join(args.out, f"{args.prefix}_pope_{split}.json")
-        write_jsonl(records, path)
+        runs.write_json_lines(path, records)
         print(f"wrote {len(records)} questions to {path}")
 
 
 def answer_problem(args):
     """The first thing wrong with `answer`'s flags and files, checked before the model loads; None
     if all is well."""
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        return (f"--model {args.model}: not a local checkpoint folder (no config.json; nothing is "
-                "downloaded)")
     for flag, value in (("--batch-size", args.batch_size),
                         ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             return f"{flag} must be at least 1, got {value}"
-    problem = (out_of_range("--alpha", args.alpha, low=0)
-               or out_of_range("--beta", args.beta, 0, 1, above=True)
-               or out_of_range("--noise-step", args.noise_step, 0, purge.NUM_DIFFUSION_STEPS - 1))
+    problem = model_problem(args.model) or contrast_problem(args) or device_problem(args.device)
     if problem:
         return problem
-    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        return f"--device {args.device}: no such device here (cpu, or cuda when there is one)"
     try:
         questions = load_questions(args.questions)
     except ValueError as error:  # names the file and the line
@@ -531,18 +625,18 @@ def answer_problem(args):
 def answer_command(args):
     args.decoding = FORMER_NAMES.get(args.decoding, args.decoding)
     refuse_if(answer_problem(args))
-    dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = weights_dtype(args.dtype, args.device)
     options = contrast_options(args) if DECODINGS[args.decoding].get("contrast") else {}
     made_with = {"model": os.path.abspath(args.model), "dtype": str(dtype).removeprefix("torch.")}
     settings = answer_settings(args.questions, args.decoding, args.seed, args.max_new_tokens,
                                made_with, **options)
+    lock = claim_output(args.out)  # one writer a file: refused while another process writes it
     try:
         # a file made otherwise is refused before the model loads
         done = runs.resume_records(args.out, settings)
     except ValueError as error:
         raise Refused(str(error)) from None
-    model, processor = models.load_model(args.model, args.device, dtype)
+    model, processor = load_or_refuse(args.model, args.device, dtype)
     try:
         answers = answer_questions(model, processor, args.questions, image_dir=args.images,
                                    out_path=args.out, decoding=args.decoding,
@@ -553,6 +647,7 @@ def answer_command(args):
         kept = len(runs.resume_records(args.out, settings)) if os.path.exists(args.out) else 0
         sys.exit(f"stopped: {kept} answers kept in {args.out} ({len(done)} before this run); the "
                  f"same command resumes after them")
+    lock.close()
     print(f"{len(answers)} answers in {args.out}")
 
 
@@ -560,15 +655,13 @@ def score_command(args):
     refuse_if(None if len(args.questions) == len(args.answers)
               else "give one --questions file per --answers file")
     refuse_if(output_problem("--json", args.json, folder=False) if args.json else None)
-    try:
-        rows = {os.path.basename(a): score_files(q, a)
-                for q, a in zip(args.questions, args.answers)}
+    try:  # a row per answers file, named by the path as given (two files may share a name)
+        rows = {a: score_files(q, a) for q, a in zip(args.questions, args.answers)}
     except ValueError as error:  # names the file and the line, or the question_id
         raise Refused(str(error)) from None
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        runs.write_json(args.json, rows, indent=2)
 
 
 if __name__ == "__main__":

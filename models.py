@@ -71,13 +71,59 @@ def chat_prompt(processor, text):
 
 def prompt_batch(processor, images, texts, device="cpu"):
     """One image (a path or a PIL image) + one question per row, through the chat template,
-    left-padded for generation."""
-    images = [open_image(image) for image in images]
+    left-padded for generation (processed_prompts)."""
+    return processed_prompts(processor, images, texts, "left").to(device)
+
+
+def processed_prompts(processor, images, texts, padding_side):
+    """processor(images, chat prompts of texts, padded on `padding_side`), with every distinct image
+    (the same path, or the same PIL object) read and preprocessed once however many of the rows ask
+    about it: SEED's probes come six to an image, POPE's questions six to an image.
+
+    Each distinct image goes through the processor once, with its first prompt; the other prompts
+    on it are tokenized alone and get that call's expansion of the image placeholder (the tokens
+    between the text before the placeholder and the text after it: 576 <image> tokens for LLaVA,
+    <img> + tiles x 256 <IMG_CONTEXT> + </img> for InternVL, the grid's <|image_pad|> for Qwen2-VL)
+    and its pixel rows. Special tokens split the text, so the rest is tokenized as the processor
+    tokenizes it (tested equal to one processor call over all the rows, on all three families).
+    The rows are padded here, never by the tokenizer, which is left as it was and may be used by
+    another thread meanwhile (loading.prefetched). A processor whose text does not split so (no
+    single placeholder in a prompt) gets all the rows at once, as they are.
+    """
     prompts = [chat_prompt(processor, text) for text in texts]
-    # Left padding, since generation appends on the right; set for this call, the tokenizer is left
-    # as it was.
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True,
-                     padding_side="left").to(device)
+    keys = [image if isinstance(image, (str, os.PathLike)) else id(image) for image in images]
+    tokenizer, placeholder = processor.tokenizer, processor.image_token_id
+    once, rows = {}, []  # image key -> (the placeholder's expansion, the image's other outputs)
+    for key, image, prompt in zip(keys, images, prompts):
+        raw = tokenizer(prompt)["input_ids"]
+        at = raw.index(placeholder) if raw.count(placeholder) == 1 else None
+        if key not in once and at is not None:
+            first = processor(images=[open_image(image)], text=[prompt], return_tensors="pt")
+            expanded, after = first["input_ids"][0].tolist(), len(raw) - at - 1
+            if raw[:at] == expanded[:at] and raw[at + 1:] == expanded[len(expanded) - after:]:
+                with_token_types = "mm_token_type_ids" in first
+                once[key] = (expanded[at:len(expanded) - after],
+                             {k: v for k, v in first.items()
+                              if k not in ("input_ids", "attention_mask", "mm_token_type_ids")})
+        if at is None or key not in once:  # this processor's text does not split there
+            return processor(images=[open_image(i) for i in images], text=prompts,
+                             return_tensors="pt", padding=True, padding_side=padding_side)
+        rows.append(raw[:at] + once[key][0] + raw[at + 1:])
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        place = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
+        input_ids[i, place], attention_mask[i, place] = torch.tensor(ids), 1
+    outputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    outputs.update({name: torch.cat([once[key][1][name] for key in keys])
+                    for name in once[keys[0]][1]})  # pixel_values, image_grid_thw: row by row
+    if with_token_types:  # Qwen2-VL's processor marks the image tokens
+        outputs["mm_token_type_ids"] = torch.tensor(
+            processor.create_mm_token_type_ids(input_ids.tolist()))
+    from transformers import BatchFeature
+
+    return BatchFeature(outputs)
 
 
 def open_image(image):
@@ -94,7 +140,7 @@ def open_image(image):
     try:
         with Image.open(image) as opened:
             return opened.convert("RGB")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"{image}: cannot read the image ({error})") from None
 
 
@@ -183,6 +229,33 @@ def pixel_rows_per_question(model, pixel_values, input_ids):
         raise ValueError(
             f"{total} image placeholders do not split evenly over {rows} rows of pixel values")
     return shares
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient checkpointing, with dropout off
+
+def checkpoint_decoder_layers(model, enable=True):
+    """Recompute each decoder layer of the language model in the backward instead of keeping its
+    activations (torch.utils.checkpoint, non-reentrant): a layer then keeps only its input for the
+    backward. transformers' own gradient_checkpointing_enable checkpoints only in training mode,
+    and SEED keeps the model in eval mode (no dropout: the teacher and the student differ by the
+    adapter alone), so the wrap is ours, on each layer's forward; the recomputation is that very
+    forward, adapter included, so the gradients are the ones without it. Passes without gradient
+    (the teacher's, decoding) run the layer as it is. enable=False takes the wrap off."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpointed(layer, forward, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(layer, *args, **kwargs)
+        return checkpoint(forward, layer, *args, use_reentrant=False, **kwargs)
+
+    for layer in adapter.language_model(transformers_model(model)).layers:
+        if enable:
+            layer.forward = functools.partial(checkpointed, layer, type(layer).forward)
+        else:
+            layer.__dict__.pop("forward", None)
 
 
 # ---------------------------------------------------------------------------------------------

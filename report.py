@@ -28,7 +28,7 @@ METHODS = {"base": "base", "vcd": "VCD decoding", "seed_forward": "SEED forward 
 
 
 def evaluate(model, processor, pope_files, image_dir, answers_dir, config,
-             decodings=("greedy", "sample"), contrast=False):
+             decodings=("greedy", "sample"), contrast=False, meter=None):
     """POPE metrics, {decoding: {split: metrics}}, sampled ones the mean over seeds with f1_std.
     Answer files already in answers_dir are resumed (when made with the same run's settings)."""
     results = {}
@@ -47,6 +47,7 @@ def evaluate(model, processor, pope_files, image_dir, answers_dir, config,
                                            made_with={"run": cli.run_fingerprint(config)},
                                            decoding=name, batch_size=config.eval_batch_size, seed=s,
                                            max_new_tokens=4, progress=config.progress,
+                                           meter=meter,
                                            **(eval_pope.contrast_options(config) if contrast
                                               else {}))
                 runs.append(eval_pope.score_files(question_file, path))
@@ -118,6 +119,12 @@ def merged_weights(model, adapter_dirs):
 
 
 
+def shown(count, what, first=""):
+    """'the first six of them', 'one where they agree', 'none where ...': a title's count."""
+    words = ["none", "one", "two", "three", "four", "five", "six", "seven", "eight"]
+    return " ".join(filter(None, [first if count > 1 else "", words[count], what]))
+
+
 def draw_pictures(results, splits, pope_files, image_dir, out):
     """results.png (F1 per split, greedy and sampled, and the void mass) and scenes.png (held-out
     adversarial questions with the base model's and SEED's greedy answers, disagreements first)."""
@@ -140,15 +147,16 @@ def draw_pictures(results, splits, pope_files, image_dir, out):
         answers[m] = {a["question_id"]: eval_pope.parse_answer(a["text"])
                       for a in eval_pope.read_answers(path)}
     differ = [i for i in sorted(questions) if answers["base"][i] != answers[seeds[-1]][i]]
-    ids = sorted(differ[:6]
-                 + [i for i in sorted(questions) if i not in differ][:8 - len(differ[:6])])
+    agree = [i for i in sorted(questions) if i not in differ][:8 - len(differ[:6])]
+    ids = sorted(differ[:6] + agree)
     cards = [(models.open_image(os.path.join(image_dir, questions[i]["image"])),
               questions[i]["text"], questions[i].get("label"), answers["base"][i],
               answers[seeds[-1]][i]) for i in ids]
     pictures.scene_sheet(cards, os.path.join(out, "scenes.png"),
                          title=f"POPE {split}, greedy: {len(differ)} of {len(questions)} answers "
-                               f"differ between the base model and {METHODS[seeds[-1]]}; the "
-                               f"first six of them, and two where they agree")
+                               f"differ between the base model and {METHODS[seeds[-1]]}; "
+                               f"{shown(len(differ[:6]), 'of them', 'the first')}, and "
+                               f"{shown(len(agree), 'where they agree')}")
 
 
 def caption_hallucination(model, processor, image_dir, objects_by_image, object_names,
@@ -185,13 +193,18 @@ def caption_hallucination(model, processor, image_dir, objects_by_image, object_
 
 
 def format_results(results, splits):
-    """The table: per split greedy F1 and yes-ratio, sampled F1 (mean ± std); then the rest."""
+    """The table: per split greedy F1 and yes-ratio, sampled F1 (mean ± std); then CHAIR (the toy
+    world's captions, or COCO's with --chair-*: then with Recall and Len), void mass, cost."""
     methods = [m for m in METHODS if m in results]
+    coco = any("chair" in results[m] for m in methods)
     cell = 28  # F1 greedy (7) + yes-ratio (7) + F1 sampled (14)
-    head = (f"{'POPE %':<16}" + "".join(f"{s:>{cell}}" for s in splits)
-            + f"{'CHAIRi':>8}{'CHAIRs':>8}{'void':>8}{'cost':>6}")
-    sub = (f"{'':<16}" + f"{'F1':>7}{'yes':>7}{'F1 sampled':>14}" * len(splits)
-           + f"{'%':>8}{'%':>8}{'mass %':>8}{'x':>6}")
+    chair_head = (f"{'CHAIRs':>8}{'CHAIRi':>8}{'Recall':>8}{'Len':>6}" if coco
+                  else f"{'CHAIRi':>8}{'CHAIRs':>8}")
+    chair_sub = f"{'%':>8}{'%':>8}{'%':>8}{'words':>6}" if coco else f"{'%':>8}{'%':>8}"
+    head = (f"{'POPE %':<16}" + "".join(f"{s:>{cell}}" for s in splits) + chair_head
+            + f"{'void':>8}{'cost':>6}")
+    sub = (f"{'':<16}" + f"{'F1':>7}{'yes':>7}{'F1 sampled':>14}" * len(splits) + chair_sub
+           + f"{'mass %':>8}{'x':>6}")
     lines = [head, sub]
     base_cost = results["base"]["seconds_per_answer"]
     # The base model's void mass: the student before its first step, measured by each SEED run.
@@ -205,15 +218,24 @@ def format_results(results, splits):
             g, sampled = r["greedy"][s], r["sample"][s]
             row += f"{100 * g['f1']:>7.1f}{100 * g['yes_ratio']:>7.1f}"
             row += f"{100 * sampled['f1']:>8.1f} ±{100 * sampled['f1_std']:>4.1f}"
-        c = r.get("captions")
-        row += f"{100 * c['chair_i']:>8.1f}{100 * c['chair_s']:>8.1f}" if c else f"{'-':>8}{'-':>8}"
+        c = r.get("chair") if coco else r.get("captions")
+        if coco:
+            row += (f"{100 * c['chair_s']:>8.1f}{100 * c['chair_i']:>8.1f}"
+                    f"{100 * c['recall']:>8.1f}{c['len']:>6.1f}" if c else f"{'-':>8}" * 3 + "-")
+        else:
+            row += (f"{100 * c['chair_i']:>8.1f}{100 * c['chair_s']:>8.1f}" if c
+                    else f"{'-':>8}{'-':>8}")
         void = r["void_mass"][-1] if r.get("void_mass") else start_void if m == "base" else None
         row += f"{100 * void:>8.2f}" if void is not None else f"{'-':>8}"
         row += f"{r['seconds_per_answer'] / base_cost:>6.2f}"
         lines.append(row)
+    chair = ("CHAIR (COCO val2014, eval_chair.py's rules; greedy, VCD rows vcd-greedy): "
+             "descriptions with a hallucinated object (s), object mentions hallucinated (i, every "
+             "mention), ground-truth objects mentioned (Recall), words a description (Len)."
+             if coco else "CHAIR: share of object mentions in held-out descriptions (i, every "
+             "mention) / of descriptions (s) that are hallucinated.")
     lines.append("F1 / yes: greedy decoding. F1 sampled: temperature 1, top-p 1, mean ± std over "
-                 "seeds. CHAIR: share of object mentions in held-out descriptions (i, every "
-                 "mention) / of descriptions (s) that are hallucinated.\nvoid mass: student "
+                 f"seeds. {chair}\nvoid mass: student "
                  "probability on the purified teacher's voids (held-out SEED prompts; base = the "
                  "student at step 0).\ncost: seconds per POPE answer relative to base (median of "
                  "timed batches).")
@@ -246,16 +268,35 @@ def held_out_void_mass(model, processor, images, examples, batch_size, alpha, be
     return total / max(count, 1)
 
 
-def measure(model, processor, data, answers_dir, config, contrast=False):
-    """One row of the table: POPE on every split, and CHAIR on the toy world's captions."""
-    pope = evaluate(model, processor, data.pope_files, image_dir=data.image_dir,
-                    answers_dir=answers_dir, config=config, contrast=contrast)
+def measure(model, processor, data, config, method, contrast=False, clock=None):
+    """One row of the table (`method`, its files in <out>/<method>/): POPE on every split, CHAIR on
+    the toy world's captions, and with --chair-* CHAIR on COCO descriptions (eval_chair.py)."""
+    import plan
+
+    clock = clock or plan.Clock([], say=None)
+    clock.start(plan.pope_phase(method))
+    row = evaluate(model, processor, data.pope_files, image_dir=data.image_dir,
+                   answers_dir=os.path.join(config.out, method, "answers"), config=config,
+                   contrast=contrast, meter=clock.tick)
     if data.world is not None:  # CHAIR needs the scenes' true contents
-        pope["captions"] = caption_hallucination(model, processor, data.image_dir,
-                                                 data.objects_by_image, data.object_names,
-                                                 contrast=contrast,
-                                                 **eval_pope.contrast_options(config))
-    return pope
+        row["captions"] = caption_hallucination(model, processor, data.image_dir,
+                                                data.objects_by_image, data.object_names,
+                                                contrast=contrast,
+                                                **eval_pope.contrast_options(config))
+    if data.chair_sample:
+        import eval_chair
+
+        clock.start(plan.chair_phase(method))
+        decoding = "vcd-greedy" if contrast else "greedy"
+        described = eval_chair.describe(
+            model, processor, data.chair_sample, config.chair_images,
+            os.path.join(config.out, method, "chair", f"{decoding}.jsonl"), decoding,
+            config.chair_batch_size, max_new_tokens=config.chair_tokens,
+            made_with={"run": cli.run_fingerprint(config)}, progress=config.progress,
+            meter=clock.tick, **(eval_pope.contrast_options(config) if contrast else {}))
+        row["chair"] = eval_chair.score([(d["image_id"], d["caption"]) for d in described],
+                                        data.chair_truth)[0]
+    return row
 
 
 def prior_diagnostic(model, processor, data, config, results, say):

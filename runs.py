@@ -9,6 +9,7 @@ crash and a resumed run equals an uninterrupted one (METHOD.md 5's rounds, check
 - `decode_and_log` is the loop that SEED's purified examples and POPE's answers share: a batch per
   process out of each chunk under torchrun, gathered in order, appended by process 0.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -20,12 +21,105 @@ import adapter
 import distributed
 
 
+@contextlib.contextmanager
+def written_aside(tmp):
+    """The temporary file or folder `tmp`, removed if the block fails (a full disk, say), so that
+    nothing half-written is left behind, under the final name or beside it. A failed write that a
+    library reports in its own words (safetensors') is raised as the OSError it is."""
+    try:
+        yield tmp
+    except BaseException as error:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        failed = os_error_of(error, tmp)
+        if failed is not None:
+            raise failed from error
+        raise
+
+
+def os_error_of(error, path):
+    """The OSError behind a failed write that safetensors' writer reports as "... I/O error: No
+    space left on device (os error 28)", naming `path`; None for any other error."""
+    import re
+
+    found = None if isinstance(error, OSError) else re.search(r"\(os error (\d+)\)", str(error))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), path)
+
+
 def write_json(path, value, **options):
     """`value` as JSON in `path`, via path + '.tmp' and a rename: never half a file there."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with written_aside(os.fspath(path) + ".tmp") as tmp, open(tmp, "w") as f:
         json.dump(value, f, **options)
     os.replace(tmp, path)
+
+
+def write_json_lines(path, records):
+    """`records` as JSON lines in `path`, via path + '.tmp' and a rename."""
+    with written_aside(os.fspath(path) + ".tmp") as tmp, open(tmp, "w") as f:
+        f.write("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(tmp, path)
+
+
+def short(error, limit=300):
+    """An exception as one line of at most `limit` characters: its type and its message."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class InUse(Exception):
+    """An output another process is writing."""
+
+
+def claim(path):
+    """Claim the output `path` (a folder, or a file, made if missing) for this process until it
+    exits or closes the returned handle: an exclusive fcntl.flock, which the kernel releases when
+    the process dies, so a killed run never leaves a stale claim. Raises InUse naming the process
+    that holds it (from /proc/locks, where there is one)."""
+    import fcntl
+
+    flags = os.O_RDONLY if os.path.isdir(path) else os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    descriptor = os.open(path, flags, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = lock_holder(os.fstat(descriptor))
+        os.close(descriptor)
+        raise InUse(f"{path} is being written by another process"
+                    + (f" (pid {holder})" if holder else "")
+                    + ": wait for it to end, or write elsewhere") from None
+    return Claim(descriptor)
+
+
+class Claim:
+    """A claimed output (claim): released by close(), or when the process ends."""
+
+    def __init__(self, descriptor):
+        self.descriptor = descriptor
+
+    def close(self):
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+            self.descriptor = None
+
+
+def lock_holder(stat):
+    """The pid holding a flock on the file of `stat`, from /proc/locks (Linux), or None."""
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+                at = fields.index("FLOCK") if "FLOCK" in fields else None
+                if at is not None and fields[at + 4].endswith(f":{stat.st_ino}"):
+                    return int(fields[at + 3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def replace_folder(tmp, path):
@@ -45,7 +139,8 @@ def json_lines(path):
     line a JSON object, else an error naming the file and the line. The file is never changed
     (scoring must not alter what it scores)."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{path}: " + ("a folder, not a file" if os.path.isdir(path)
+                                        else "no such file"))
     records = []
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, 1):
@@ -121,29 +216,42 @@ def resume_records(path, made_with):
 
 
 def decode_and_log(items, decode_batch, batch_size, path=None, made_with=None, offset=0,
-                   progress=False, desc=None, total=None):
-    """decode_batch(chunk, indices) -> records over `items` a batch at a time, returned in order.
+                   progress=False, desc=None, total=None, prepare=None, meter=None):
+    """decode_batch(chunk, indices, prepared) -> records over `items` a batch at a time, returned
+    in order.
 
-    indices: each item's place, offset + its index in `items` (what seeds its noise, so an answer
-    never depends on the batch it fell in or on where a resumed run restarted). path: a JSON-lines
-    file each batch's records are appended to, with "made_with", fsynced before the next batch (a
-    crash loses nothing written). Under torchrun each process decodes one batch of every chunk of
-    batch_size x processes items, the records are gathered in order, and process 0 writes them.
+    prepare(chunk): the part of a batch that needs no model (reading and preprocessing its images),
+    run on a background thread a batch ahead while the model decodes (loading.prefetched);
+    `prepared` is its result (None without prepare). indices: each item's place, offset + its
+    index in `items` (what seeds its noise, so an answer never depends on the batch it fell in or
+    on where a resumed run restarted). path: a JSON-lines file each batch's records are appended
+    to, with "made_with", fsynced before the next batch (a crash loses nothing written). Under
+    torchrun each process decodes one batch of every chunk of batch_size x processes items, the
+    records are gathered in order, and process 0 writes them. meter(items, seconds): told of each
+    chunk as it is done (train.py's plan.Clock).
     """
+    import time
+
+    import loading
     from tqdm import tqdm
 
     records = []
     out = open(path, "a") if path and items and distributed.is_main() else None
     chunk_size = batch_size * distributed.world_size()
+    # (start of the chunk, the chunk, this process's part of it)
+    chunks = []
+    for start in range(0, len(items), chunk_size):
+        chunk = items[start:start + chunk_size]
+        first, stop = distributed.process_slice(len(chunk), batch_size)
+        chunks.append((start, chunk, chunk[first:stop], first))
+    ahead = loading.prefetched(chunks, lambda c: prepare(c[2]) if prepare and c[2] else None)
     total = len(items) if total is None else total
     bar = tqdm(total=total, initial=total - len(items), desc=desc, disable=not progress)
+    began = time.perf_counter()
     try:
-        for start in range(0, len(items), chunk_size):
-            chunk = items[start:start + chunk_size]
-            first, stop = distributed.process_slice(len(chunk), batch_size)
-            made = decode_batch(chunk[first:stop],
-                                [offset + start + first + j for j in range(stop - first)]) \
-                if first < stop else []
+        for (start, chunk, mine, first), prepared in zip(chunks, ahead):
+            made = decode_batch(mine, [offset + start + first + j for j in range(len(mine))],
+                                prepared) if mine else []
             made = distributed.gather(made)  # the whole chunk, in order, on every process
             if out is not None:
                 out.write("".join(json.dumps({**record, "made_with": made_with}) + "\n"
@@ -153,7 +261,11 @@ def decode_and_log(items, decode_batch, batch_size, path=None, made_with=None, o
                 os.fsync(out.fileno())
             records += made
             bar.update(len(chunk))
+            if meter:
+                meter(len(chunk), time.perf_counter() - began)
+            began = time.perf_counter()
     finally:
+        ahead.close()
         bar.close()
         if out is not None:
             out.close()
@@ -167,7 +279,7 @@ def read_examples_log(path, made_with):
     return [{**record, "_record": n} for n, record in enumerate(records, 1)]
 
 
-def examples_log(path, made_with, batch_size, progress=False):
+def examples_log(path, made_with, batch_size, progress=False, meter=None):
     """seed.make_examples' `answer` for a run: the purified answers appended to the examples log at
     `path` as they are made, and a stopped run's records in it kept (each must be the very prompt
     this run asks: the same kind, image and text), the rest decoded after them, under torchrun
@@ -176,7 +288,7 @@ def examples_log(path, made_with, batch_size, progress=False):
     left = distributed.broadcast(read_examples_log(path, made_with) if distributed.is_main()
                                  else None)
 
-    def answer(prompts, decode_batch, kind):
+    def answer(prompts, decode_batch, kind, prepare=None):
         nonlocal left
         kept, left = left[:len(prompts)], left[len(prompts):]  # descriptions first, then probes
         for record, (index, text) in zip(kept, prompts):
@@ -190,7 +302,7 @@ def examples_log(path, made_with, batch_size, progress=False):
         kept = [{k: v for k, v in record.items() if k != "_record"} for record in kept]
         return kept + decode_and_log(prompts[len(kept):], decode_batch, batch_size, path, made_with,
                                      offset=len(kept), progress=progress, desc=f"purified {kind}s",
-                                     total=len(prompts))
+                                     total=len(prompts), prepare=prepare, meter=meter)
 
     return answer
 
@@ -198,12 +310,11 @@ def examples_log(path, made_with, batch_size, progress=False):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: adapter + optimiser + step, written atomically, no pickle
 
-def save_checkpoint(model, optimizer, path, round_index, step, made_with=None):
-    """Adapter, optimiser moments (safetensors) and step (progress.json): one folder swapped in."""
+def save_checkpoint(model, optimizer, path, round_index, step, made_with=None, log=()):
+    """Adapter, optimiser moments (safetensors), step and the log of the round's steps so far
+    (progress.json): one folder swapped in."""
     from safetensors.torch import save_file
 
-    tmp = path + ".tmp"
-    adapter.save_adapter(model, tmp)
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for key, slots in state["state"].items():
@@ -212,15 +323,17 @@ def save_checkpoint(model, optimizer, path, round_index, step, made_with=None):
                 tensors[f"{key}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{key}.{name}"] = float(value)
-    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "progress.json"), "w") as f:
-        json.dump({"round": round_index, "step": step, "scalars": scalars, "made_with": made_with},
-                  f)
+    with written_aside(path + ".tmp") as tmp:
+        adapter.save_adapter(model, tmp)
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+        with open(os.path.join(tmp, "progress.json"), "w") as f:
+            json.dump({"round": round_index, "step": step, "scalars": scalars,
+                       "made_with": made_with, "log": list(log)}, f)
     replace_folder(tmp, path)
 
 
 def load_checkpoint(model, optimizer, path):
-    """Restore adapter and optimiser moments; returns (round, step) to continue from."""
+    """Restore adapter and optimiser moments; returns the log of the round's steps before it."""
     from safetensors.torch import load_file
 
     adapter.load_adapter(model, path)
@@ -237,7 +350,7 @@ def load_checkpoint(model, optimizer, path):
         if slots:
             state["state"][key] = slots
     optimizer.load_state_dict(state)
-    return progress["round"], progress["step"]
+    return progress["log"]
 
 
 def resume_point(checkpoint, made_with=None):
@@ -256,11 +369,12 @@ def resume_point(checkpoint, made_with=None):
 
 
 def replay_round(model, round_dir):
-    """A round finished before a crash: merge its adapter again and return its summary (no log)."""
+    """A round finished before a crash: merge its adapter again and return its summary, its log of
+    steps included."""
     adapter.load_adapter(model, round_dir)
     adapter.merge_adapter(model)
     with open(os.path.join(round_dir, "summary.json")) as f:
-        return {**json.load(f), "log": []}
+        return json.load(f)
 
 
 def finish_round(model, optimizer, round_dir, checkpoint, round_index, summary, write=True,
@@ -296,6 +410,13 @@ def save_merged(model, processor, path):
         raise ValueError("the model still has an adapter: adapter.merge_adapter(model) first")
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    with written_aside(tmp):
+        write_merged(model, processor, tmp)
+    replace_folder(tmp, path)
+
+
+def write_merged(model, processor, tmp):
+    """save_merged's files, into the folder `tmp`."""
     model.save_pretrained(tmp)
     source = getattr(model, "name_or_path", "") or ""
     shipped = [n for n in PROCESSOR_FILES if os.path.isfile(os.path.join(source, n))]
@@ -303,4 +424,3 @@ def save_merged(model, processor, path):
         shutil.copy(os.path.join(source, name), tmp)
     if not shipped:
         processor.save_pretrained(tmp)
-    replace_folder(tmp, path)

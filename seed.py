@@ -43,8 +43,9 @@ def response_logits(model, input_ids, attention_mask, positions, features, respo
     embeddings = model.get_input_embeddings()(input_ids)
     placeholders = (input_ids == model.config.image_token_id).unsqueeze(-1)
     embeddings = embeddings.masked_scatter(placeholders, features.to(embeddings.dtype))
+    # no KV cache: nothing decodes after this pass, and a cache would outlive every layer
     hidden = model.model(inputs_embeds=embeddings, attention_mask=attention_mask,
-                         position_ids=positions).last_hidden_state  # (B, L, H)
+                         position_ids=positions, use_cache=False).last_hidden_state  # (B, L, H)
     predicts_response = response_mask[:, 1:]  # position t predicts token t + 1
     return model.get_output_embeddings()(hidden[:, :-1][predicts_response])  # (N, V)
 
@@ -141,19 +142,20 @@ def mentioned_objects(text, object_names):
 
 
 def purified_batch(model, processor, images, prompts, items, kind, max_new_tokens, noise_seed,
-                   alpha, beta, noise_step):
+                   alpha, beta, noise_step, inputs=None):
     """The teacher's answers to one batch of prompts: greedy decoding on purify(clean, distorted) at
     every token (METHOD.md 1-2), no labels read.
 
     prompts: [(image index, text)]; items: each prompt's place in the whole list, which seeds its
     distortion (decode.seeded_generator(noise_seed, item)), so an answer never depends on its batch.
-    Returns a record per prompt: {"kind", "image", "prompt", "response" (token ids, the end token
-    left out), "teacher" (the purified distribution at every response position and at the end
-    token's, encode_teacher), "noise" ([noise_seed, item])}.
+    inputs: the prompts already through the processor (prompt_inputs), e.g. made on another thread
+    while the model decoded the batch before. Returns a record per prompt: {"kind", "image",
+    "prompt", "response" (token ids, the end token left out), "teacher" (the purified distribution
+    at every response position and at the end token's, encode_teacher), "noise" ([noise_seed,
+    item])}.
     """
     device = next(model.parameters()).device
-    inputs = models.prompt_batch(processor, [images[i] for i, _ in prompts],
-                                 [text for _, text in prompts], device)
+    inputs = (inputs or prompt_inputs(processor, images, prompts)).to(device)
     responses, teachers = decode.generate(
         model, inputs, max_new_tokens, contrast=True, alpha=alpha, beta=beta, noise_step=noise_step,
         generators=[decode.seeded_generator(noise_seed, item) for item in items], record=True,
@@ -164,14 +166,22 @@ def purified_batch(model, processor, images, prompts, items, kind, max_new_token
             for (i, text), response, teacher, item in zip(prompts, responses, teachers, items)]
 
 
+def prompt_inputs(processor, images, prompts):
+    """A batch of prompts [(image index, text)] through the processor, on the CPU: the images read
+    and preprocessed, each once (models.prompt_batch)."""
+    return models.prompt_batch(processor, [images[i] for i, _ in prompts],
+                               [text for _, text in prompts])
+
+
 def in_batches(batch_size):
     """make_examples' default `answer`: every prompt decoded here, a batch at a time, nothing
-    written (train.py's is runs.examples_log: a resumable log, split under torchrun)."""
-    def answer(prompts, decode_batch, kind):
+    written (train.py's is runs.examples_log: a resumable log, its images prepared a batch ahead,
+    split under torchrun)."""
+    def answer(prompts, decode_batch, kind, prepare=None):
         records = []
         for start in range(0, len(prompts), batch_size):
             stop = min(start + batch_size, len(prompts))
-            records += decode_batch(prompts[start:stop], list(range(start, stop)))
+            records += decode_batch(prompts[start:stop], list(range(start, stop)), None)
         return records
     return answer
 
@@ -244,10 +254,11 @@ def make_examples(model, processor, images, object_names, probes_per_image=6,
 
     images: file paths or PIL images (read a batch at a time). Each image gets one description
     prompt and `probes_per_image` yes/no probes chosen by `choose_probes` from what the descriptions
-    name. answer(prompts, decode_batch, kind) -> records: how the prompts get answered, decode_batch
-    (purified_batch on this model) doing the decoding: in_batches(batch_size) by default, all here
-    and nothing written; train.py passes runs.examples_log, which appends them to a log and resumes
-    it. Returns [{"image": index, "prompt": text, "response": ids, "teacher": the purified
+    name. answer(prompts, decode_batch, kind, prepare) -> records: how the prompts get answered,
+    decode_batch(chunk, items, inputs) (purified_batch on this model) doing the decoding, prepare
+    (prompt_inputs) the processor's part, which may run ahead: in_batches(batch_size) by default,
+    all here and nothing written; train.py passes runs.examples_log, which appends them to a log and
+    resumes it. Returns [{"image": index, "prompt": text, "response": ids, "teacher": the purified
     distribution at each response position, as decoding chose from it (encode_teacher), "noise": its
     generator's seed}].
     """
@@ -256,10 +267,11 @@ def make_examples(model, processor, images, object_names, probes_per_image=6,
     eos = processor.tokenizer.eos_token_id
 
     def purified(prompts, kind, tokens, noise_seed):
-        def decode_batch(chunk, items):
+        def decode_batch(chunk, items, inputs):
             return purified_batch(model, processor, images, chunk, items, kind, tokens, noise_seed,
-                                  alpha, beta, noise_step)
-        return answer(prompts, decode_batch, kind)
+                                  alpha, beta, noise_step, inputs)
+        return answer(prompts, decode_batch, kind,
+                      prepare=lambda chunk: prompt_inputs(processor, images, chunk))
 
     descriptions = purified([(index, description) for index in range(len(images))], "description",
                             max_new_tokens, random_seed)
@@ -289,12 +301,9 @@ def collate(examples, processor, images):
                              f"{sorted(placeholders & set(e['response']))}: the processor would "
                              f"expand it, and the image features would not fit the placeholders "
                              f"({e['prompt']!r})")
-    texts = [models.chat_prompt(processor, e["prompt"]) for e in examples]
-    # read now, this batch's only
-    pictures = [models.open_image(images[e["image"]]) for e in examples]
-    prompts = processor(images=pictures, text=texts, return_tensors="pt",
-                        # for this call only: the tokenizer is left as it was
-                        padding=True, padding_side="right")
+    # this batch's images read now, each once however many examples ask about it
+    prompts = models.processed_prompts(processor, [images[e["image"]] for e in examples],
+                                       [e["prompt"] for e in examples], padding_side="right")
     prompt_lengths = prompts["attention_mask"].sum(-1).tolist()
     length = max(n + len(e["response"]) for n, e in zip(prompt_lengths, examples))
     input_ids = torch.full((len(examples), length), tokenizer.pad_token_id)
@@ -348,7 +357,8 @@ def hold_out(examples, batch_size):
     return examples[:-count], examples[-count:]
 
 
-def training_batch(examples, processor, images, batch_size, random_seed, round_index, step, device):
+def training_batch(examples, processor, images, batch_size, random_seed, round_index, step,
+                   device="cpu"):
     """One step's batch, drawn from (random_seed, round, step) alone: a resumed run redraws it."""
     rng = random.Random(f"{random_seed}/{round_index}/{step}")
     batch = collate(rng.sample(examples, min(batch_size, len(examples))), processor, images)

@@ -37,6 +37,7 @@ import torch
 import eval_pope
 import models
 import purge
+import runs
 
 # ---------------------------------------------------------------------------------------------
 # The world: classes, glyphs, frequencies, partners
@@ -592,15 +593,23 @@ def build(config=None, progress=True, shipped=True):
     pretrain(model, processor, world, config, progress=progress)
     seconds = time.time() - start
     tmp = f"{final}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    with open(os.path.join(tmp, "world.json"), "w") as f:
-        json.dump({"key": world_key(config), "cache_version": CACHE_VERSION,
-                   "config": asdict(config), "world": world, "pretrain_seconds": round(seconds, 1),
-                   "pretrain_steps_per_second": round(config.steps / seconds, 2),
-                   "torch_threads": torch.get_num_threads()}, f, indent=1)
-    _publish(tmp, final)
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, "world.json"), "w") as f:
+            json.dump({"key": world_key(config), "cache_version": CACHE_VERSION,
+                       "config": asdict(config), "world": world,
+                       "pretrain_seconds": round(seconds, 1),
+                       "pretrain_steps_per_second": round(config.steps / seconds, 2),
+                       "torch_threads": torch.get_num_threads()}, f, indent=1)
+        _publish(tmp, final)
+    except BaseException as error:  # a full disk, say: no half-written cache folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        failed = runs.os_error_of(error, tmp)
+        if failed is not None:
+            raise failed from error
+        raise
     return final, world
 
 
@@ -624,8 +633,12 @@ def eval_set(n_images, world, config=None):
     folder = os.path.join(cache_dir(config), f"pope{n_images}")
     if not os.path.exists(os.path.join(folder, "COMPLETE")):
         tmp = f"{folder}.tmp-{os.getpid()}"
-        write_eval_set(world, tmp, n_images, config=config)
-        _publish(tmp, folder)
+        try:
+            write_eval_set(world, tmp, n_images, config=config)
+            _publish(tmp, folder)
+        except BaseException:  # no half-written evaluation set left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     files = {split: os.path.join(folder, f"toy_pope_{split}.json") for split in eval_pope.SPLITS}
     with open(os.path.join(folder, "objects.json")) as f:
         objects = json.load(f)

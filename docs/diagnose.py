@@ -1,17 +1,17 @@
 """Where a SEED student falls short of its teacher: fit, generalisation or transfer (toy-world
 runs).
 
-    python docs/diagnose.py out/          # a finished `python train.py` run (its results.json and folders)
+    python docs/diagnose.py out/ [figures.json]   # a finished `python train.py` run
 
-For the reverse-KL student of round 0 (the merged model of a one-round run) and, as the reference,
-the base model it started from (the student at step 0):
+For the reverse-KL student of round 0 (the base model with round 0's adapter merged) and, as the
+reference, the base model it started from (the student at step 0):
 - fit: on the yes/no probes it was trained on, of the first answers the recorded purified teacher
   gives otherwise than the base model, the share the student gives as the teacher; and the mean
   reverse KL at every response position, base -> student;
 - generalisation: the same on the held-out examples (seed.hold_out's split, never trained on);
 - transfer: on POPE's questions, the share of the answers VCD decoding changed (base -> VCD, the
-  teacher's own change) that the student changed the same way, and the answers it changed that VCD
-  did not, with how many of each are right.
+  teacher's own change) that the final student (after every round) changed the same way, and the
+  answers it changed that VCD did not, with how many of each are right.
 The examples are read back from the run's examples log by make_examples itself (nothing decoded
 again) and split as self_evolve splits them.
 """
@@ -23,27 +23,22 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import adapter  # noqa: E402
 import cli  # noqa: E402
-import eval_pope  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
-import runs  # noqa: E402
 import seed  # noqa: E402
 import toyworld  # noqa: E402
+import train  # noqa: E402
 
 
 def run_examples(out, config, model, processor, images, object_names):
-    """Round 0's reverse-KL examples as self_evolve made them: make_examples over the run's examples
-    log, which holds every answer (nothing is decoded again; other settings' logs are refused)."""
-    settings = dict(probes_per_image=config.probes_per_image, description=toyworld.DESCRIBE,
-                    max_new_tokens=config.description_tokens, random_seed=config.seed,
-                    **eval_pope.contrast_options(config))
-    made_with = {**seed.example_settings(images, **settings), "run": cli.run_fingerprint(config),
-                 "divergence": "reverse", "round": 0}
-    answer = runs.examples_log(os.path.join(out, "seed_reverse", "round0", "examples.jsonl"),
-                               made_with, batch_size=config.batch_size)
-    return seed.make_examples(model, processor, images, object_names, batch_size=config.batch_size,
-                              answer=answer, **settings)
+    """Round 0's examples as self_evolve made them (train.round_examples over the run's examples
+    log, which holds every answer: nothing is decoded again; other settings' logs are refused),
+    split into (trained, held out) as it split them."""
+    return train.round_examples(model, processor, images, object_names,
+                                os.path.join(out, "base", "examples.jsonl"), config,
+                                toyworld.DESCRIBE, {"run": cli.run_fingerprint(config)}, 0)
 
 
 @torch.no_grad()
@@ -95,35 +90,42 @@ def transfer(out, method, split):
     return len(changed), right(changed, vcd), len(taken), len(own), right(own, student)
 
 
-def main(out):
+def main(out, json_path=None):
     config = cli.Config(**json.load(open(os.path.join(out, "results.json")))["config"])
     world_config = toyworld.WorldConfig(world_seed=config.world_seed, steps=config.pretrain_steps)
     model_path, world = toyworld.build(world_config, progress=False, shipped=config.shipped_base)
-    images = toyworld.unlabeled_images(world, config.unlabeled, seed=config.seed + 20_000,
-                                       config=world_config)
+    images = cli.toy_round_images(config, world, world_config)[0][0]  # round 0's
     base, processor = models.load_model(model_path)
-    examples = run_examples(out, config, base, processor, images, list(world["names"]))
-    trained, held_out = seed.hold_out(examples, config.batch_size)
+    trained, held_out = run_examples(out, config, base, processor, images, list(world["names"]))
     print(f"world {config.world_seed}, {len(trained)} training examples, {len(held_out)} held out")
-    tops = {}
-    for name, path in (("base", model_path),
-                       ("student", os.path.join(out, "seed_reverse", "merged"))):
-        model, processor = models.load_model(path)
-        tops[name] = {part: first_answers(model, processor, images, chunk)
-                      for part, chunk in (("trained", trained), ("held out", held_out))}
+    student, _ = models.load_model(model_path)  # round 0's student: the base + its adapter
+    adapter.load_adapter(student, os.path.join(out, "seed_reverse", "round0"))
+    adapter.merge_adapter(student)
+    tops = {name: {part: first_answers(model, processor, images, chunk)
+                   for part, chunk in (("trained", trained), ("held out", held_out))}
+            for name, model in (("base", base), ("student", student))}
+    figures = {}
     for part in ("trained", "held out"):
         (base_top, teacher_top, base_kl), (student_top, _,
                                            student_kl) = tops["base"][part], tops["student"][part]
         changed, taken = changes_taken(base_top, student_top, teacher_top)
+        figures[part] = {"changed": changed, "taken": taken, "probes": len(base_top),
+                         "kl_base": base_kl, "kl_student": student_kl}
         print(f"{part:8s} probes: the teacher changed {changed} of {len(base_top)} first answers, "
               f"the student made {taken} of those changes ({taken / max(changed, 1):.0%}); reverse "
               f"KL per position {base_kl:.4f} -> {student_kl:.4f}")
     for split in ("random", "popular", "adversarial"):
         changed, right, taken, own, own_right = transfer(out, "seed_reverse", split)
-        print(f"POPE {split:11s}: VCD changed {changed} answers ({right} to right); the student "
-              f"made {taken} of those changes ({taken / max(changed, 1):.0%}) and {own} of its own "
-              f"({own_right} to right)")
+        figures[split] = {"changed": changed, "right": right, "taken": taken, "own": own,
+                          "own_right": own_right}
+        print(f"POPE {split:11s}: VCD changed {changed} answers ({right} to right); the final "
+              f"student made {taken} of those changes ({taken / max(changed, 1):.0%}) and {own} "
+              f"of its own ({own_right} to right)")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(figures, f, indent=2)
+    return figures
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "out")
+    main(sys.argv[1] if len(sys.argv) > 1 else "out", sys.argv[2] if len(sys.argv) > 2 else None)

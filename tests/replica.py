@@ -178,6 +178,33 @@ INTERNVL3_TEMPLATE = (  # the shape of InternVL3-1B-hf's chat_template.jinja
     "add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}")
 
 
+def write_coco_annotations(folder, image_dir, seed=0):
+    """COCO's instances_val2014.json and captions_val2014.json for the images of `image_dir` (named
+    as COCO names them): each image 1-3 annotated categories and five reference captions naming
+    them, in COCO's file format (what eval_chair.py reads)."""
+    import eval_chair
+    import eval_pope
+
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(eval_pope.COCO_OBJECTS)]
+    images, instances, captions = [], [], []
+    for name in sorted(os.listdir(image_dir)):
+        image_id = eval_chair.image_id_of(name)
+        images.append({"id": image_id, "file_name": name})
+        present = rng.sample(categories, rng.randint(1, 3))
+        instances += [{"id": len(instances) + 1, "image_id": image_id,
+                       "category_id": c["id"]} for c in present]
+        captions += [{"id": len(captions) + 1, "image_id": image_id,
+                      "caption": f"A photo of a {rng.choice(present)['name']} on a table."}
+                     for _ in range(5)]
+    write_json(os.path.join(folder, "instances_val2014.json"),
+               {"images": images, "annotations": instances, "categories": categories})
+    write_json(os.path.join(folder, "captions_val2014.json"),
+               {"images": images, "annotations": captions})
+    return folder
+
+
 def write_json(path, record):
     with open(path, "w") as f:
         json.dump(record, f, indent=2)

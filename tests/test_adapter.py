@@ -204,24 +204,25 @@ def test_merging_into_bfloat16_loses_no_more_of_a_small_update_than_the_unmerged
     assert error(unmerged) > 0.5  # bf16 rounding really does swallow much of such an update
 
 
-def moved_adapter(model, rank=4, seed=3):
+def moved_adapter(model, rank=4, seed=3, targets=("q_proj", "v_proj")):
     """Attach an adapter and move B away from zero: a state where a wrong key, scale or layer
     shows."""
-    adapter.add_adapter(model, rank=rank, alpha_r=2.0 * rank + 3)
+    adapter.add_adapter(model, rank=rank, alpha_r=2.0 * rank + 3, targets=targets)
     torch.manual_seed(seed)
     for layer in adapter.adapter_layers(model).values():
         torch.nn.init.normal_(layer.B, std=0.3)
     return model
 
 
+@pytest.mark.parametrize("targets", ["q_proj,v_proj", "attention", "all-linear"])
 def test_the_peft_format_adapter_loads_in_peft_with_equal_logits_and_merge(llava, llava_inputs,
-                                                                           tmp_path):
+                                                                           tmp_path, targets):
     import copy
 
     from peft import PeftModel
 
     base = copy.deepcopy(llava)
-    moved_adapter(llava)
+    moved_adapter(llava, targets=adapter.parse_targets(targets))
     path = adapter.save_peft_adapter(llava, str(tmp_path / "peft"))
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 11.0
@@ -244,3 +245,51 @@ def test_the_peft_format_adapter_loads_in_peft_with_equal_logits_and_merge(llava
     merged_ours = dict(llava.named_parameters())
     for name, value in merged_peft.named_parameters():
         torch.testing.assert_close(value, merged_ours[name], rtol=1e-6, atol=1e-6)
+
+
+def test_adapter_targets_name_the_language_models_linear_layers(llava):
+    assert adapter.parse_targets("q_proj,v_proj") == ("q_proj", "v_proj")
+    assert adapter.parse_targets("attention") == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert adapter.parse_targets("attention, mlp") == ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                       "gate_proj", "up_proj", "down_proj")
+    assert adapter.parse_targets("q_proj,all-linear") == ("all-linear",)
+    text = llava.config.text_config
+    hidden, inner, n_layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    params = adapter.add_adapter(llava, rank=8, targets=("all-linear",))
+    layers = adapter.adapter_layers(llava)
+    # every linear layer of every decoder layer, none of the tower, projector or output head
+    assert len(layers) == 7 * n_layers and all(".language_model.layers." in n for n in layers)
+    shapes = {name.rpartition(".")[2]: (layer.A.shape, layer.B.shape)
+              for name, layer in layers.items()}
+    assert shapes["q_proj"] == ((8, hidden), (hidden, 8))
+    assert shapes["gate_proj"] == ((8, hidden), (inner, 8))
+    assert shapes["down_proj"] == ((8, inner), (hidden, 8))
+    assert len(params) == 2 * len(layers)
+    assert llava._adapter_settings["targets"] == ["all-linear"]
+
+
+@pytest.mark.parametrize("targets", ["attention", "all-linear"])
+def test_a_wider_adapter_merges_to_its_unmerged_logits_and_reloads(llava, llava_inputs, tmp_path,
+                                                                    processor, targets):
+    import toyworld
+
+    params = adapter.add_adapter(llava, rank=16, alpha_r=32.0,
+                                 targets=adapter.parse_targets(targets))
+    train_a_little(llava, llava_inputs, params)
+    unmerged = logits(llava, llava_inputs)
+    adapter.save_adapter(llava, tmp_path)
+    fresh = toyworld.make_model(processor.tokenizer, image_size=32, seed=0)
+    adapter.load_adapter(fresh, tmp_path)  # the targets travel with the adapter
+    assert sorted(adapter.adapter_layers(fresh)) == sorted(adapter.adapter_layers(llava))
+    assert torch.equal(logits(fresh, llava_inputs), unmerged)
+    adapter.merge_adapter(llava)
+    torch.testing.assert_close(logits(llava, llava_inputs), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_remove_adapter_gives_back_the_model_as_it_was(llava, llava_inputs):
+    before = logits(llava, llava_inputs)
+    moved_adapter(llava)
+    assert not torch.allclose(logits(llava, llava_inputs), before, atol=1e-4)
+    adapter.remove_adapter(llava)
+    assert not adapter.adapter_layers(llava)
+    assert torch.equal(logits(llava, llava_inputs), before)

@@ -210,7 +210,7 @@ def test_a_resume_with_other_settings_is_refused_naming_the_flag_and_both_values
     import cli
 
     config = cli.parse_config(toy_flags(tmp_path, "--steps", "40"))
-    cli.start_run(config)  # what a started run leaves: run.json with its settings
+    cli.start_run(config, None)  # what a started run leaves: run.json with its settings
     recorded = json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
     assert recorded["noise_step"] == 700 and recorded["lr"] == 2e-3 and recorded["steps"] == 40
     for flags, message in ((["--steps", "40", "--noise-step", "500"],
@@ -225,12 +225,16 @@ def test_a_resume_with_other_settings_is_refused_naming_the_flag_and_both_values
     resumed = cli.parse_config(
         toy_flags(tmp_path, "--resume", "--steps", "40", "--eval-batch-size", "8"))
     assert resumed.eval_batch_size == 8  # a flag that changes no answer may change
+    # so may the micro-batch and checkpointing of a run that stopped on an out-of-memory error
+    resumed = cli.parse_config(toy_flags(tmp_path, "--resume", "--steps", "40",
+                                         "--micro-batch-size", "2", "--gradient-checkpointing"))
+    assert resumed.micro_batch_size == 2 and resumed.gradient_checkpointing
 
 
 def test_a_fresh_run_over_an_earlier_one_is_refused_without_overwrite(tmp_path, capsys):
     import cli
 
-    cli.start_run(cli.parse_config(toy_flags(tmp_path)))
+    cli.start_run(cli.parse_config(toy_flags(tmp_path)), None)
     (tmp_path / "out" / "base" / "answers").mkdir(parents=True)
     (tmp_path / "out" / "base" / "answers" / "greedy_random_seed0.jsonl").write_text("{}\n")
     with pytest.raises(SystemExit):
@@ -238,7 +242,7 @@ def test_a_fresh_run_over_an_earlier_one_is_refused_without_overwrite(tmp_path, 
     error = capsys.readouterr().err
     assert "holds an earlier run (run.json, base): --resume continues it, --overwrite replaces it" in error
     config = cli.parse_config(toy_flags(tmp_path, "--overwrite", "--lr", "0.01"))
-    cli.start_run(config)
+    cli.start_run(config, None)
     assert "--overwrite: replacing the earlier run" in capsys.readouterr().out
     assert not (tmp_path / "out" / "base").exists()
     assert json.loads((tmp_path / "out" / "run.json").read_text())["settings"]["lr"] == 0.01
@@ -271,15 +275,19 @@ def test_unreadable_images_stop_a_real_run_before_work_or_are_skipped(tmp_path, 
     whole = (tmp_path / "images" / "b.jpg").read_bytes()
     # a truncated JPEG: its header reads
     (tmp_path / "images" / "b.jpg").write_bytes(whole[:len(whole) // 2])
-    config = cli.Config(images=str(tmp_path / "images"), progress=False)
+    config = cli.Config(images=str(tmp_path / "images"), progress=False, images_per_round=3,
+                        rounds=1)
     with pytest.raises(SystemExit) as exit_:
-        cli.readable_images(config)
+        cli.sampled_images(config)
     assert exit_.value.code == 2
     error = capsys.readouterr().err
-    assert "--images: cannot read" in error and "b.jpg (Truncated File Read); 1 of 3 files unreadable" in error
+    assert "--images: cannot read" in error and "b.jpg (Truncated File Read)" in error
     config.skip_unreadable = True
-    assert cli.readable_images(config) == [str(tmp_path / "images" / n) for n in ("a.jpg", "c.jpg")]
-    assert "--skip-unreadable: left out 1 of 3 --images files" in capsys.readouterr().out
+    sample, paths = cli.sampled_images(config)
+    assert sorted(sample[0]) == ["a.jpg", "c.jpg"]
+    assert sorted(paths[0]) == [str(tmp_path / "images" / n) for n in ("a.jpg", "c.jpg")]
+    assert "--skip-unreadable: left out 1 unreadable --images files (b.jpg" in capsys.readouterr(
+    ).out
 
 
 def test_an_unreadable_image_stops_a_real_run_before_it_writes_anything(tmp_path, capsys):
@@ -291,7 +299,8 @@ def test_an_unreadable_image_stops_a_real_run_before_it_writes_anything(tmp_path
     with pytest.raises(SystemExit) as exit_:
         train.main(["--model", paths["llava-1.5-7b-replica"], "--images", paths["train2014"],
                     "--pope", paths["pope"], "--pope-images", paths["val2014"], "--out",
-                    str(tmp_path / "out"), "--no-progress"])
+                    str(tmp_path / "out"), "--batch-size", "2", "--images-per-round", "4",
+                    "--no-progress"])  # every file sampled: the broken one too
     assert exit_.value.code == 2 and "COCO_train2014_000000999999.jpg" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # no run.json, no empty examples log
 
@@ -306,7 +315,9 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path):
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert process.stdout.readline().startswith("device ")  # main is running: the work has started
+    # the plan first, then main's first line of the work
+    assert next(line for line in process.stdout if not line.startswith(("plan", "  "))).startswith(
+        "device ")  # the work has started
     stderr = ""
     # A KeyboardInterrupt raised inside a finaliser is printed and dropped by Python itself, so
     # press Ctrl-C again, as a user would; but not while the first press is still exiting (a loaded

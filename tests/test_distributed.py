@@ -8,9 +8,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--pretrain-steps", "15", "--steps", "4", "--unlabeled", "6", "--eval-images", "4",
-         "--sample-seeds", "1", "--batch-size", "8", "--eval-batch-size", "8", "--checkpoint-every",
-         "2", "--divergence", "reverse", "--no-progress"]
+FLAGS = ["--pretrain-steps", "15", "--steps", "4", "--images-per-round", "6", "--fresh-images",
+         "--eval-images", "4", "--sample-seeds", "1", "--batch-size", "8", "--eval-batch-size", "8",
+         "--checkpoint-every", "2", "--divergence", "reverse", "--no-progress"]
 
 
 def train(out, cache, processes, *extra):
@@ -45,8 +45,14 @@ def test_two_processes_give_the_adapter_examples_and_answers_of_one(runs):
         assert float((b[name] - a[name]).norm() / a[name].norm()) <= 1e-5, name
     # B has moved from zero
     assert all(float(t.abs().sum()) > 0 for n, t in a.items() if n.endswith(".B"))
-    examples = "round0/examples.jsonl"
-    assert (one / examples).read_bytes() == (two / examples).read_bytes()
+    # round 0's examples, of the base model: the same file
+    assert ((root / "one" / "base" / "examples.jsonl").read_bytes()
+            == (root / "two" / "base" / "examples.jsonl").read_bytes())
+    # round 1's, on fresh images, by models merged from adapters equal to float rounding: the same
+    # prompts and answers
+    answers = lambda path: [(r["kind"], r["image"], r["prompt"], r["response"])  # noqa: E731
+                            for r in map(json.loads, path.read_text().splitlines())]
+    assert answers(one / "round1" / "examples.jsonl") == answers(two / "round1" / "examples.jsonl")
     for method in ("base", "vcd", "seed_reverse"):
         names = sorted(os.listdir(root / "one" / method / "answers"))
         assert names == sorted(os.listdir(root / "two" / method / "answers")) and names
@@ -83,6 +89,19 @@ def test_two_processes_train_from_the_online_teacher_as_one(runs):
     first, second = (json.loads((root / name / "results.json").read_text())
                      for name in ("online1", "online2"))
     assert first["seed_reverse"]["greedy"] == second["seed_reverse"]["greedy"]
+
+
+def test_two_processes_in_micro_batches_train_as_one_process_on_the_whole_batch(runs):
+    """--micro-batch-size 2 under two processes: each splits its 4 rows of the global batch of 8
+    into two micro-batches; the adapter is the one-process whole-batch one (float rounding)."""
+    from safetensors.torch import load_file
+
+    root, _, _ = runs
+    train(root / "micro", root / "cache", 2, "--micro-batch-size", "2")
+    for r in ("round0", "round1"):
+        a = load_file(root / "one" / "seed_reverse" / r / "adapter.safetensors")
+        b = load_file(root / "micro" / "seed_reverse" / r / "adapter.safetensors")
+        assert all(float((b[n] - a[n]).norm() / a[n].norm()) <= 1e-5 for n in a), r
 
 
 def test_only_process_zero_prints(runs):

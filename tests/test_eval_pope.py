@@ -239,7 +239,7 @@ def test_cli_build_and_score(tmp_path, capsys):
                     "--json", str(tmp_path / "m.json")])
     table = capsys.readouterr().out
     assert "accuracy" in table and "yes-ratio" in table
-    metrics = json.loads((tmp_path / "m.json").read_text())["a.jsonl"]
+    metrics = json.loads((tmp_path / "m.json").read_text())[str(tmp_path / "a.jsonl")]
     assert metrics["yes_ratio"] == 1.0 and metrics["recall"] == 1.0 and metrics["precision"] == 0.5
 
 

@@ -187,7 +187,8 @@ def test_self_evolve_and_pope_run_on_qwen_as_on_llava(processor, tmp_path):
                         checkpoint_every=0, progress=False, noise_step=500, sample_seeds=1,
                         eval_batch_size=4, out=str(tmp_path))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model, history = train.self_evolve(model, processor, pictures, ["cat", "dog", "cup", "key"],
+    model, history = train.self_evolve(model, processor, [pictures] * config.rounds,
+                                       ["cat", "dog", "cup", "key"],
                                        str(tmp_path / "seed"), config, divergence="reverse",
                                        description="Describe the image.")
     assert len(history[0]["log"]) == 3 and all(torch.isfinite(torch.tensor(x["loss"]))

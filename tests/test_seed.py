@@ -148,12 +148,12 @@ def small_evolve(model, processor, out_dir, **kwargs):
 
     world = toyworld.make_world(0)
     images = toyworld.unlabeled_images(world, 6, seed=2)
-    options = dict(rounds=1, steps=6, batch_size=4, probes_per_image=2, description_tokens=4,
-                   checkpoint_every=2, progress=False, noise_step=500)
+    options = dict(rounds=1, steps=6, batch_size=4, eval_batch_size=4, probes_per_image=2,
+                   description_tokens=4, checkpoint_every=2, progress=False, noise_step=500)
     options.update(kwargs)
-    return train.self_evolve(model, processor, images, world["names"], out_dir,
-                             cli.Config(**options), divergence="reverse",
-                             description=toyworld.DESCRIBE)
+    config = cli.Config(**options)
+    return train.self_evolve(model, processor, [images] * config.rounds, world["names"], out_dir,
+                             config, divergence="reverse", description=toyworld.DESCRIBE)
 
 
 def test_choose_probes_asks_about_named_objects_and_their_co_occurring_ones():
@@ -216,12 +216,12 @@ def test_resume_equals_an_uninterrupted_run(processor, tmp_path, monkeypatch, te
     import toyworld
 
     whole = toyworld.make_model(processor.tokenizer, seed=0)
-    small_evolve(whole, processor, str(tmp_path / "whole"), teacher=teacher)
+    _, whole_history = small_evolve(whole, processor, str(tmp_path / "whole"), teacher=teacher)
 
     real_save = runs.save_checkpoint
 
-    def crash_after_step_four(model, optimizer, path, round_index, step, made_with):
-        real_save(model, optimizer, path, round_index, step, made_with)
+    def crash_after_step_four(model, optimizer, path, round_index, step, made_with, log):
+        real_save(model, optimizer, path, round_index, step, made_with, log)
         if step == 4:
             raise KeyboardInterrupt  # the run dies right after its step-4 checkpoint
 
@@ -236,7 +236,9 @@ def test_resume_equals_an_uninterrupted_run(processor, tmp_path, monkeypatch, te
     resumed = toyworld.make_model(processor.tokenizer, seed=0)
     _, history = small_evolve(resumed, processor, str(tmp_path / "part"), resume=True,
                               teacher=teacher)
-    assert [x["step"] for x in history[0]["log"]] == [4, 5]  # only the missing steps ran
+    # only the missing steps ran, and the log of the steps before the crash came with the checkpoint
+    assert [x["step"] for x in history[0]["log"]] == [0, 1, 2, 3, 4, 5]
+    assert history[0]["log"] == whole_history[0]["log"]
     for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), name
 

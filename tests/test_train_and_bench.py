@@ -21,7 +21,7 @@ def run(args, tmp_path):
 
 def test_train_at_a_tiny_budget_writes_a_valid_results_json(tmp_path):
     out = tmp_path / "out"
-    done = run(["train.py", "--pretrain-steps", "15", "--steps", "3", "--unlabeled", "6",
+    done = run(["train.py", "--pretrain-steps", "15", "--steps", "3", "--images-per-round", "6",
                 "--eval-images", "4", "--sample-seeds", "2", "--checkpoint-every", "2", "--out",
                 str(out), "--no-progress"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -89,9 +89,10 @@ def test_train_help_explains_every_flag(tmp_path):
 def test_a_renamed_flag_still_accepts_its_former_name():
     import cli
 
-    former = cli.parse_config(["--loss", "forward", "--adapter-alpha", "4"])
-    assert (former.divergence, former.alpha_r) == ("forward", 4.0)
-    assert former == cli.parse_config(["--divergence", "forward", "--alpha-r", "4"])
+    former = cli.parse_config(["--loss", "forward", "--adapter-alpha", "4", "--unlabeled", "50"])
+    assert (former.divergence, former.alpha_r, former.images_per_round) == ("forward", 4.0, 50)
+    assert former == cli.parse_config(["--divergence", "forward", "--alpha-r", "4",
+                                       "--images-per-round", "50"])
 
 
 def test_train_with_a_model_but_no_data_is_a_clear_error(tmp_path):
@@ -213,7 +214,7 @@ def real_run_flags(tmp_path):
             '"yes"}\n')
     return ["--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"), "--pope",
             str(tmp_path / "pope"), "--pope-images", str(tmp_path / "val"), "--out",
-            str(tmp_path / "out"), "--no-progress"]
+            str(tmp_path / "out"), "--batch-size", "2", "--no-progress"]
 
 
 def test_noise_step_defaults_to_the_toy_worlds_or_vcds(tmp_path):
