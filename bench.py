@@ -41,6 +41,7 @@ processor call a batch, as this project did) and after (each image once a batch,
 thread while the model computes: loading.prefetched).
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -76,9 +77,9 @@ SHAPES["llava-13b"] = dict(SHAPES["llava-7b"], text_config=dict(
     num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
     max_position_embeddings=4096))
 # InternVL2-8B and -26B: the language models as convert_internvl2.py makes them (InternLM2 as a
-# Llama: internlm2_5-7b-chat, 32 layers, 4096 wide, 8 key-value heads; internlm2-chat-20b, 48 layers,
-# 6144 wide), beside LLaVA's tower: the tower runs without gradient and keeps nothing for the
-# backward, so the per-token figures of --memory are the language model's
+# Llama: internlm2_5-7b-chat, 32 layers, 4096 wide, 8 key-value heads; internlm2-chat-20b, 48
+# layers, 6144 wide), beside LLaVA's tower: the tower runs without gradient and keeps nothing for
+# the backward, so the per-token figures of --memory are the language model's
 SHAPES["internvl2-8b"] = dict(SHAPES["llava-7b"], text_config=dict(
     model_type="llama", vocab_size=92553, hidden_size=4096, intermediate_size=14336,
     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -206,7 +207,8 @@ def with_recorded_teacher(batch, vocab):
 def step_loss(model, batch, kind):
     """The loss of one step of `kind`: seed (online teacher), recorded, or sft (plain)."""
     if kind == "seed":
-        return seed.seed_step(model, batch, "reverse", generator=torch.Generator().manual_seed(0))[0]
+        generator = torch.Generator().manual_seed(0)
+        return seed.seed_step(model, batch, "reverse", generator=generator)[0]
     if kind == "recorded":
         return seed.recorded_seed_step(model, batch, "reverse")[0]
     return seed.sft_step(model, batch)
@@ -255,8 +257,6 @@ def answer_costs(model, inputs, autocast, device, args):
                 decode.generate(model, {k: v[i:i + 1] for k, v in inputs.items()},
                                 args.answer_tokens)
 
-    import copy
-
     with adapter.adapter_disabled(model):
         t_vcd, t_base, r_vcd = paired(lambda: answer(True), answer, device, args.repeats)
     base = adapter.remove_adapter(copy.deepcopy(model))  # a second copy: the base model
@@ -267,7 +267,6 @@ def answer_costs(model, inputs, autocast, device, args):
             decode.generate(base, inputs, args.answer_tokens)
 
     t_merged, _, r_seed = paired(answer, base_answer, device, args.repeats)
-    del base
     t_single, _, r_single = paired(one_at_a_time, answer, device, max(1, args.repeats // 2))
     return dict(answer_base_s=per_answer(t_base), answer_seed_s=per_answer(t_merged),
                 answer_vcd_s=per_answer(t_vcd), answer_cost_ratio_seed=r_seed,
@@ -560,24 +559,23 @@ def image_waits(args):
             decode.generate(model, inputs.to(device), args.answer_tokens, contrast=True,
                             record=True)
 
-    def waits(prepare, ahead):
-        """(seconds waiting on images, seconds in all) over the chunks."""
+    def waits(items, prepare, ahead, work):
+        """{seconds waiting on prepare, seconds in all, the share} over the items."""
         waiting, began = 0.0, time.perf_counter()
-        source = loading.prefetched(chunks, prepare, ahead=ahead)
-        for _ in chunks:
+        source = loading.prefetched(items, prepare, ahead=ahead)
+        for _ in items:
             asked = time.perf_counter()
-            inputs = next(source)
+            prepared = next(source)
             waiting += time.perf_counter() - asked
-            decode_chunk(inputs)
-        return waiting, time.perf_counter() - began
+            work(prepared)
+        total = time.perf_counter() - began
+        return {"waiting_s": waiting, "total_s": total, "share": waiting / total}
 
     decode_chunk(after(chunks[0]))  # warm-up
     results = {"shape": args.shape, "layers": args.layers[0], "batch_size": args.batch_size,
                "device": args.device}
     for name, prepare, ahead in (("before", before, 0), ("after", after, 2)):
-        waiting, total = waits(prepare, ahead)
-        results[f"examples_{name}"] = {"waiting_s": waiting, "total_s": total,
-                                       "share": waiting / total}
+        results[f"examples_{name}"] = waits(chunks, prepare, ahead, decode_chunk)
     # training steps: the recorded step on collated batches of (image, probe) examples
     examples = [{"image": i, "prompt": text, "response": [5, 6, 2]} for i, text in prompts]
     steps = [examples[s:s + args.batch_size] for s in range(0, len(examples), args.batch_size)]
@@ -606,16 +604,7 @@ def image_waits(args):
     train_step(seed.collate(steps[0], processor, images))  # warm-up
     for name, prepare, ahead in (("before", collate_before, 0),
                                  ("after", lambda c: seed.collate(c, processor, images), 2)):
-        waiting, began = 0.0, time.perf_counter()
-        source = loading.prefetched(steps, prepare, ahead=ahead)
-        for _ in steps:
-            asked = time.perf_counter()
-            batch = next(source)
-            waiting += time.perf_counter() - asked
-            train_step(batch)
-        total = time.perf_counter() - began
-        results[f"steps_{name}"] = {"waiting_s": waiting, "total_s": total,
-                                    "share": waiting / total}
+        results[f"steps_{name}"] = waits(steps, prepare, ahead, train_step)
     print(f"waiting on images, shape {args.shape} with {args.layers[0]} layer(s), "
           f"{args.device}, batches of {args.batch_size} (an image's probes together), LLaVA-1.5's "
           f"processor, COCO-sized JPEGs:")

@@ -85,7 +85,7 @@ class Config:
                                     "0.95 for the held-out twentieth (2,888 at the defaults); on "
                                     "the toy world 400 (ours, docs/EXPERIMENTS.md)",
                                     former_name="--unlabeled")
-    fresh_images: bool = setting(False, "each round takes images no earlier round took, while "
+    fresh_images: bool = setting(True, "each round takes images no earlier round took, while "
                                         "there are any (--no-fresh-images: every round the same "
                                         "sample)")
     probes_per_image: int = setting(6, "yes/no probes the model answers per unlabeled image")
@@ -181,7 +181,8 @@ def content_settings(config):
 def check_config(args):
     """The first thing wrong with the flags or the paths they name, as one sentence, or None."""
     at_least = {"pretrain_steps": 1, "rounds": 1, "steps": 1, "batch_size": 1, "rank": 1,
-                "images_per_round": 1, "probes_per_image": 0, "description_tokens": 1, "eval_images": 1,
+                "images_per_round": 1, "probes_per_image": 0, "description_tokens": 1,
+                "eval_images": 1,
                 "sample_seeds": 1, "eval_batch_size": 1, "checkpoint_every": 0, "dist_timeout": 1,
                 "micro_batch_size": 0, "chair_count": 1, "chair_tokens": 1, "chair_batch_size": 1}
     for name, low in at_least.items():
@@ -299,8 +300,9 @@ def check_model_flags(args):
             questions = eval_pope.load_questions(path, labelled=True)
         except ValueError as error:  # already names the file and the line
             return str(error)
-        # quietly: one line if it fails
-        problem = eval_pope.image_problem(questions, path, args.pope_images)
+        # quietly: one line if it fails (--plan reads no image)
+        problem = None if args.plan else eval_pope.image_problem(questions, path,
+                                                                 args.pope_images)
         if problem:  # missing or unreadable, with the question file's line
             return problem.replace(f" is not in {args.pope_images} ",
                                    f" is not in --pope-images {args.pope_images} ")
@@ -356,8 +358,8 @@ def recorded_sample(config):
 
 
 def sampled_images(config, say=print):
-    """Each round's --images files (loading.round_samples over the seeded order of the folder, or the
-    sample a resumed run recorded), each checked readable before the first forward pass: an
+    """Each round's --images files (loading.round_samples over the seeded order of the folder, or
+    the sample a resumed run recorded), each checked readable before the first forward pass: an
     unreadable one stops the run in one line naming it, or, with --skip-unreadable, is left out
     (and counted) and the next file in the order taken instead. Only the sampled files are read."""
     recorded = recorded_sample(config)
@@ -495,7 +497,8 @@ def run_data(config, image_sample=None, round_images=None):
                                                                 world_config)
     if distributed.is_main():
         distributed.barrier()
-    return RunData(model_path, pope_files, image_dir, *toy_round_images(config, world, world_config),
+    round_images, image_sample = toy_round_images(config, world, world_config)
+    return RunData(model_path, pope_files, image_dir, round_images, image_sample,
                    list(world["names"]), toyworld.DESCRIBE, world, world_config, objects_by_image)
 
 
@@ -508,5 +511,6 @@ def toy_round_images(config, world, world_config):
     per_round = round_size(config)
     count = loading.needed(per_round, config.rounds, config.fresh_images)
     scenes = toyworld.unlabeled_images(world, count, seed=config.seed + 20_000, config=world_config)
-    sample = loading.round_samples(list(range(count)), per_round, config.rounds, config.fresh_images)
+    sample = loading.round_samples(list(range(count)), per_round, config.rounds,
+                                   config.fresh_images)
     return [[scenes[i] for i in numbers] for numbers in sample], sample

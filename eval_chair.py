@@ -6,8 +6,8 @@ with CHAIR (Rohrbach et al., "Object Hallucination in Image Captioning", EMNLP 2
 describe this image in detail.", up to 512 new tokens. METHOD.md 6 has the figures' formulas.
 
     python eval_chair.py build  --images /data/coco/val2014 --out chair_sample.jsonl
-    python eval_chair.py answer --model CKPT --sample chair_sample.jsonl --images /data/coco/val2014 \
-        --out captions.jsonl                     # --decoding greedy, sample, vcd-greedy, vcd-sample
+    python eval_chair.py answer --model CKPT --sample chair_sample.jsonl \
+        --images /data/coco/val2014 --out captions.jsonl   # --decoding greedy, vcd-greedy, ...
     python eval_chair.py score  --annotations /data/coco/annotations --captions captions.jsonl
 
 The figures, over the descriptions of one file:
@@ -44,11 +44,7 @@ import random
 import re
 import sys
 
-import torch
-
 import eval_pope
-import models
-import purge
 import runs
 
 PROMPT = "Please describe this image in detail."
@@ -57,10 +53,10 @@ SYNONYMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chair_synon
 # ---------------------------------------------------------------------------------------------
 # Words: the procedure of the metric's original code, plurals reduced by stated rules
 
-# the synonym table as the original reads it: each line split on ", ", the first entry its category
-# (leading spaces kept: such an entry never matches, as in the original)
 def read_synonyms(path=SYNONYMS):
-    """{word or two-word name: its category} of CHAIR's table (80 lines, one a category)."""
+    """{word or two-word name: its category} of CHAIR's table (80 lines, one a category), read as
+    the original reads it: each line split on ", ", the first entry its category, leading spaces
+    kept (such an entry never matches a word, as in the original)."""
     with open(path, encoding="utf-8") as f:
         lines = [line.strip().split(", ") for line in f.read().splitlines() if line.strip()]
     return {word: line[0] for line in lines for word in line}
@@ -302,16 +298,7 @@ def main(argv=None):
     answer.add_argument("--max-new-tokens", type=int, default=512,
                         help="description length limit (OPERA's 512)")
     answer.add_argument("--prompt", default=PROMPT, help="the instruction (OPERA's)")
-    answer.add_argument("--alpha", type=float, default=purge.ALPHA,
-                        help="vcd decodings: contrast strength (METHOD.md 2)")
-    answer.add_argument("--beta", type=float, default=purge.BETA,
-                        help="vcd decodings: plausibility cut (METHOD.md 2)")
-    answer.add_argument("--noise-step", type=int, default=purge.NOISE_STEP,
-                        help="vcd decodings: diffusion step of the distortion")
-    answer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device")
-    answer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
+    eval_pope.add_decoding_flags(answer)
 
     scorer = commands.add_parser("score", help="print CHAIR_s, CHAIR_i, Recall and Len")
     scorer.add_argument("--annotations", required=True,

@@ -462,16 +462,7 @@ def main(argv=None):
     answer.add_argument("--seed", type=int, default=0,
                         help="seed of the sampling and distortion noise")
     answer.add_argument("--max-new-tokens", type=int, default=8, help="answer length limit")
-    answer.add_argument("--alpha", type=float, default=purge.ALPHA,
-                        help="vcd decodings: contrast strength (METHOD.md 2)")
-    answer.add_argument("--beta", type=float, default=purge.BETA,
-                        help="vcd decodings: plausibility cut (METHOD.md 2)")
-    answer.add_argument("--noise-step", type=int, default=purge.NOISE_STEP,
-                        help="vcd decodings: diffusion step of the distortion")
-    answer.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device")
-    answer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
+    add_decoding_flags(answer)
 
     scorer = commands.add_parser("score",
                                  help="print the official metrics, one row per answers file")
@@ -488,6 +479,21 @@ def main(argv=None):
     # before any work: one line naming the flag, or the file and its line
     except Refused as refusal:
         parser.exit(2, f"{parser.prog} {args.command}: error: {refusal}\n")
+
+
+def add_decoding_flags(parser):
+    """The flags of the vcd decodings' contrast, the device and the weights' dtype (`answer` here and
+    in eval_chair.py)."""
+    parser.add_argument("--alpha", type=float, default=purge.ALPHA,
+                        help="vcd decodings: contrast strength (METHOD.md 2)")
+    parser.add_argument("--beta", type=float, default=purge.BETA,
+                        help="vcd decodings: plausibility cut (METHOD.md 2)")
+    parser.add_argument("--noise-step", type=int, default=purge.NOISE_STEP,
+                        help="vcd decodings: diffusion step of the distortion")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
 
 
 class Refused(Exception):

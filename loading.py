@@ -30,7 +30,8 @@ def images_per_round(steps, batch_size, probes_per_image):
 
 def sample_order(names, random_seed):
     """The folder's files in the seeded order in which rounds take them: sorted, then shuffled, so
-    the sample depends on the seed and the file names alone, not on the order the disk lists them."""
+    the sample depends on the seed and the file names alone, not on the order the disk lists
+    them."""
     order = sorted(names)
     random.Random(f"images/{random_seed}").shuffle(order)
     return order

@@ -80,10 +80,11 @@ def describe(phases, config, images_per_round, distinct_images):
     for _, kind, units in phases:
         totals[kind] = totals.get(kind, 0) + units
     drawn = config.steps * config.batch_size
-    lines = [f"plan: {config.rounds} round(s) x {images_per_round} unlabeled images "
-             f"({distinct_images} distinct), {images_per_round * (1 + config.probes_per_image)} "
-             f"examples made a round (a description and {config.probes_per_image} probes an "
-             f"image), {drawn} drawn a round ({config.steps} steps x {config.batch_size})",
+    lines = [f"plan: {config.rounds} round(s) x {images_per_round:,} unlabeled images "
+             f"({distinct_images:,} distinct), "
+             f"{images_per_round * (1 + config.probes_per_image):,} examples made a round (a "
+             f"description and {config.probes_per_image} probes an image), {drawn:,} drawn a "
+             f"round ({config.steps} steps x {config.batch_size})",
              "plan: " + ", ".join(f"{units:,} {KINDS[kind]}" for kind, units in totals.items())]
     lines += [f"  {i + 1:>2}. {name}: {units:,} {KINDS[kind]}"
               for i, (name, kind, units) in enumerate(phases)]

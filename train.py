@@ -77,6 +77,25 @@ def step_loss(model, batch, divergence, config, generator):
     return loss, losses.void_mass(student.detach(), teacher)  # both freed before the backward
 
 
+def optimizer_step(model, batch, params, optimizer, divergence, config, generator, autocast):
+    """One optimiser step on a global batch: this process's rows of it (under torchrun) in
+    micro-batches, each loss weighted by its share of the batch's response positions, so that the
+    gradients add up to the whole batch's (METHOD.md 7). Returns the batch's mean loss and void
+    mass."""
+    noise_step = None if config.teacher == "recorded" else config.noise_step
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = void_sum = 0.0
+    for rows, share in distributed.process_rows(model, batch, noise_step, generator,
+                                                config.micro_batch_size):
+        with autocast:
+            loss, void = step_loss(model, rows, divergence, config, generator)
+        (loss * share).backward()
+        loss_sum, void_sum = loss_sum + loss.item() * share, void_sum + void.item() * share
+    distributed.sum_gradients(params)  # the one-process gradient of the whole batch
+    optimizer.step()
+    return distributed.sum_value(loss_sum), distributed.sum_value(void_sum)
+
+
 def held_out_void_mass(model, processor, images, held_out, config):
     """The student's mass on the held-out teacher's voids (recorded, or online with fresh noise)."""
     return report.held_out_void_mass(model, processor, images, held_out, config.batch_size,
@@ -136,23 +155,10 @@ def self_evolve(model, processor, round_images, object_names, out_dir, config, d
         for step, batch in bar:
             batch = {k: v.to(model.device) for k, v in batch.items()}
             generator = seed.step_generator(config.seed, round_index, step)
-            noise_step = None if config.teacher == "recorded" else config.noise_step
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = void_sum = 0.0
-            # this process's rows (under torchrun) in micro-batches, each weighted by its share of
-            # the batch's response positions: the gradients add up to the whole batch's
-            for rows, share in distributed.process_rows(model, batch, noise_step, generator,
-                                                        config.micro_batch_size):
-                with autocast:
-                    loss, void = step_loss(model, rows, divergence, config, generator)
-                (loss * share).backward()
-                loss_sum, void_sum = loss_sum + loss.item() * share, void_sum + void.item() * share
-            distributed.sum_gradients(params)  # the one-process gradient of the whole batch
-            optimizer.step()
-            # the batch's mean loss and void mass, summed over the processes
-            log.append({"step": step, "loss": distributed.sum_value(loss_sum),
-                        "void_mass": distributed.sum_value(void_sum)})
-            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
+            loss, void = optimizer_step(model, batch, params, optimizer, divergence, config,
+                                        generator, autocast)
+            log.append({"step": step, "loss": loss, "void_mass": void})
+            bar.set_postfix(loss=f"{loss:.4f}")
             done, every = step + 1, config.checkpoint_every
             if every and done % every == 0 and done < config.steps and distributed.is_main():
                 runs.save_checkpoint(model, optimizer, checkpoint, round_index, done, made_with,

@@ -237,16 +237,21 @@ def write_qwen2_tokenizer(folder, specials, extra_special_tokens=None):
     return {t: core.token_to_id(t) for t in specials}
 
 
-def qwen2_5_vl_folder(folder, seed=0):
+# the real checkpoints' output vocabularies (their config.json's vocab_size)
+QWEN25_VL_VOCAB, INTERNVL3_VOCAB = 152064, 151674
+
+
+def qwen2_5_vl_folder(folder, seed=0, full_size=False):
     """A folder laid out like Qwen/Qwen2.5-VL-7B-Instruct: config.json, generation_config.json,
     chat_template.json, preprocessor_config.json (no processor_config.json, no video processor
     file), the tokenizer files, model safetensors. 14-pixel patches merged 2 x 2, as in the real
-    one."""
+    one. full_size: the real output vocabulary (152,064 logits a position) and the real pixel
+    limits (a COCO photo becomes about 400 image tokens), tiny widths still."""
     import transformers
 
     os.makedirs(folder, exist_ok=True)
     ids = write_qwen2_tokenizer(folder, QWEN_SPECIALS)
-    vocab = max(ids.values()) + 1
+    vocab = QWEN25_VL_VOCAB if full_size else max(ids.values()) + 1
     text = dict(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                 tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"],
@@ -266,21 +271,25 @@ def qwen2_5_vl_folder(folder, seed=0):
     write_json(os.path.join(folder, "chat_template.json"), {"chat_template": QWEN25_VL_TEMPLATE})
     # the real file's fields; fewer pixels
     write_json(os.path.join(folder, "preprocessor_config.json"), {
-        "min_pixels": 3136, "max_pixels": 4 * 3136, "patch_size": 14, "temporal_patch_size": 2,
+        "min_pixels": 3136, "max_pixels": 12845056 if full_size else 4 * 3136, "patch_size": 14,
+        "temporal_patch_size": 2,
         "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"})
     return folder
 
 
-def internvl3_hf_folder(folder, seed=0):
+def internvl3_hf_folder(folder, seed=0, full_size=False):
     """A folder laid out like OpenGVLab/InternVL3-1B-hf: config.json, generation_config.json,
     chat_template.jinja, preprocessor_config.json (GotOcr2ImageProcessorFast, tiles),
     processor_config.json (image_seq_length), video_preprocessor_config.json, the Qwen2 tokenizer
     files with InternVL's image tokens, model.safetensors. 56-pixel tiles of 14-pixel patches,
-    pixel-shuffled to 4 tokens a tile."""
+    pixel-shuffled to 4 tokens a tile; full_size: the real 448-pixel tiles (256 tokens each, up to
+    12 and a thumbnail: 3,328 tokens for a COCO photo) and the real output vocabulary (151,674),
+    tiny widths still."""
     import transformers
 
+    tile, per_tile = (448, 256) if full_size else (56, 4)
     os.makedirs(folder, exist_ok=True)
     ids = write_qwen2_tokenizer(folder, QWEN_SPECIALS + INTERNVL_SPECIALS + ["<video>"],
                                 extra_special_tokens={
@@ -288,8 +297,9 @@ def internvl3_hf_folder(folder, seed=0):
         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
     config = transformers.InternVLConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=[56, 56], patch_size=[14, 14]),
-        text_config=dict(model_type="qwen2", vocab_size=max(ids.values()) + 1, hidden_size=48,
+                           num_attention_heads=2, image_size=[tile, tile], patch_size=[14, 14]),
+        text_config=dict(model_type="qwen2", vocab_size=INTERNVL3_VOCAB if full_size
+                         else max(ids.values()) + 1, hidden_size=48,
                          intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=4096,
                          tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"],
@@ -303,13 +313,13 @@ def internvl3_hf_folder(folder, seed=0):
     normalise = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
                  "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
                  "do_resize": True, "rescale_factor": 1 / 255, "resample": 3,
-                 "size": {"height": 56, "width": 56}, "processor_class": "InternVLProcessor"}
+                 "size": {"height": tile, "width": tile}, "processor_class": "InternVLProcessor"}
     write_json(os.path.join(folder, "preprocessor_config.json"), {
-        **normalise, "image_processor_type": "GotOcr2ImageProcessorFast", "crop_to_patches": False,
-        "min_patches": 1, "max_patches": 4, "default_to_square": True,
-        "data_format": "channels_first"})
-    write_json(os.path.join(folder, "processor_config.json"), {"image_seq_length": 4,
-                                                               "processor_class": "InternVLProcessor"})
+        **normalise, "image_processor_type": "GotOcr2ImageProcessorFast",
+        "crop_to_patches": full_size, "min_patches": 1, "max_patches": 12 if full_size else 4,
+        "default_to_square": True, "data_format": "channels_first"})
+    write_json(os.path.join(folder, "processor_config.json"), {
+        "image_seq_length": per_tile, "processor_class": "InternVLProcessor"})
     write_json(os.path.join(folder, "video_preprocessor_config.json"), {
         **normalise, "video_processor_type": "InternVLVideoProcessor", "initial_shift": True,
         "do_sample_frames": False, "default_to_square": True, "data_format": "channels_first"})

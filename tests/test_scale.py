@@ -1,11 +1,8 @@
 """The paper's run at the paper's scale: images sampled per round, images read once a batch and
 ahead of the model, the plan, micro-batches, gradient checkpointing, the out-of-memory found
 first."""
-import json
 import os
 import random
-import subprocess
-import sys
 import time
 
 import pytest
