@@ -9,11 +9,11 @@ B = 0 makes the student start exactly equal to the teacher, and the teacher *is*
 the adapter switched off, so one copy of the weights serves both. Merging W <- W + (alpha_r / r) B A
 afterwards leaves a plain model with zero inference overhead.
 
-Not from the paper (ours): targets q_proj and v_proj of every decoder layer, rank 8, alpha_r 16
-(`add_adapter(targets=...)` takes any of the language model's linear layers); the adapter's own
-weights are kept in float32 even when the model is bf16 (small updates to a zero-initialised B
-vanish in bf16 rounding), its product computed in the activations' dtype; files are safetensors +
-JSON, never pickle.
+Not from the paper (ours): rank 8, alpha_r 16; add_adapter's default targets are LoRA's q_proj and
+v_proj, train.py wraps every linear layer of the decoder (targets=("all-linear",), measured in
+docs/EXPERIMENTS.md); the adapter's own weights are kept in float32 even when the model is bf16
+(small updates to a zero-initialised B vanish in bf16 rounding), its product computed in the
+activations' dtype; files are safetensors + JSON, never pickle.
 save_peft_adapter writes the same adapter in PEFT's LoRA format, for use with peft elsewhere.
 Imports: torch and the standard library only (safetensors comes with torch's ecosystem and is
 imported where it is used), so this file can be copied on its own.

@@ -230,8 +230,9 @@ def train_step_fn(model, batch, kind, optimizer, autocast):
 def train_steps(model, make_batch, autocast, device, args):
     """1. The training step: SEED (online and recorded teacher) against plain adapter fine-tuning,
     on the same model, batch and adapter. Leaves the adapter on the model."""
-    optimizer = torch.optim.AdamW(
-        adapter.add_adapter(model, targets=adapter.parse_targets(args.adapter_targets)), lr=1e-4)
+    optimizer = torch.optim.AdamW(adapter.add_adapter(
+        model, rank=args.rank, alpha_r=2.0 * args.rank,
+        targets=adapter.parse_targets(args.adapter_targets)), lr=1e-4)
     batch = make_batch(args.batch_size)
     recorded = with_recorded_teacher(batch, model.config.text_config.vocab_size)
     step = lambda b, kind: train_step_fn(model, b, kind, optimizer, autocast)  # noqa: E731
@@ -323,8 +324,9 @@ def memory_probe(args):
     """
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model, make_batch = build(args.shape, device, dtype, args.layers[0])
-    optimizer = torch.optim.AdamW(
-        adapter.add_adapter(model, targets=adapter.parse_targets(args.adapter_targets)), lr=1e-4)
+    optimizer = torch.optim.AdamW(adapter.add_adapter(
+        model, rank=args.rank, alpha_r=2.0 * args.rank,
+        targets=adapter.parse_targets(args.adapter_targets)), lr=1e-4)
     batch = make_batch(args.batch_size)
     if args.memory_probe == "recorded":
         batch = with_recorded_teacher(batch, model.config.text_config.vocab_size)
@@ -351,7 +353,8 @@ def peak_memories(args):
     for kind in ("seed", "recorded", "sft"):
         command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--device",
                    args.device, "--dtype", args.dtype, "--shape", args.shape, "--batch-size",
-                   str(args.batch_size), "--adapter-targets", args.adapter_targets]
+                   str(args.batch_size), "--adapter-targets", args.adapter_targets, "--rank",
+                   str(args.rank)]
         if args.layers[0]:
             command += ["--layers", str(args.layers[0])]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -370,7 +373,7 @@ def ratios(args):
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "shape": args.shape, "dtype": args.dtype, "batch_size": args.batch_size,
-               "adapter_targets": args.adapter_targets}
+               "adapter_targets": args.adapter_targets, "rank": args.rank}
     results.update(train_steps(model, make_batch, autocast, device, args))
     question = make_batch(args.batch_size, response_tokens=0, seed_=1)
     inputs = {k: question[k] for k in ("input_ids", "attention_mask", "pixel_values")}
@@ -394,7 +397,7 @@ def format_table(r):
 
     ms = lambda t: f"{1000 * t['median']:.2f} ms"  # noqa: E731
     lines = [f"SEED bench on {r['device']}, shape {r['shape']}, {r['dtype']}, batch "
-             f"{r['batch_size']}, adapter on {r['adapter_targets']}",
+             f"{r['batch_size']}, adapter of rank {r['rank']} on {r['adapter_targets']}",
              f"{'ratio (median of pairwise ratios)':<48}{'median  (spread)':<28}target",
              row("train step: SEED online / plain adapter step", r["train_step_ratio"],
                  "<= 1.8 (floor ~5/3)"),
@@ -625,7 +628,7 @@ def bench_problem(args):
     for flag, values in (("--layers", args.layers), ("--batch-size", [args.batch_size]),
                          ("--answer-tokens", [args.answer_tokens]),
                          ("--decode-tokens", [args.decode_tokens]), ("--repeats", [args.repeats]),
-                         ("--response-tokens", [args.response_tokens])):
+                         ("--response-tokens", [args.response_tokens]), ("--rank", [args.rank])):
         for value in values:
             if value is not None and value < 1:
                 return f"{flag} must be at least 1, got {value}"
@@ -655,6 +658,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16, help="examples / questions per batch")
     parser.add_argument("--adapter-targets", default="q_proj,v_proj",
                         help="the layers the adapter wraps (train.py's --adapter-targets)")
+    parser.add_argument("--rank", type=int, default=8,
+                        help="the adapter's rank in the step figures (alpha_r = 2 x rank)")
     parser.add_argument("--answer-tokens", type=int, default=4,
                         help="tokens generated per POPE answer (and per probe in --images)")
     parser.add_argument("--decode-tokens", type=int, default=24,

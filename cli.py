@@ -62,16 +62,21 @@ class Config:
                                        "that fits (on a GPU, found by trying the longest batch "
                                        "before any work; on the CPU the whole batch)")
     gradient_checkpointing: bool = setting(False, "recompute each decoder layer's activations in "
-                                                  "the backward instead of keeping them: less "
-                                                  "memory a row, about a third more time a step")
-    lr: float = setting(2e-3, "adapter learning rate, AdamW (ours)")
+                                                  "the backward instead of keeping them: a layer "
+                                                  "keeps 8 KB a token instead of 140 (LLaVA-7B), "
+                                                  "for one more forward pass of the student a "
+                                                  "step")
+    lr: float = setting(5.7e-4, "adapter learning rate, AdamW (ours: 2e-3 x (8 / rank) x (2 / "
+                                "adapted layers a decoder layer) holds the adapter's step at that "
+                                "of rank 8 on q_proj, v_proj at 2e-3; 5.7e-4 for rank 8 on all 7 "
+                                "layers, docs/EXPERIMENTS.md)")
     rank: int = setting(8, "adapter rank r (ours, LoRA's common value)")
     alpha_r: float = setting(16.0, "adapter scale alpha_r; update = alpha_r / r B A",
                              former_name="--adapter-alpha")
-    adapter_targets: str = setting("q_proj,v_proj", "the language model's linear layers the "
-                                   "adapter wraps, by name, comma-separated; short forms: "
-                                   "attention (q, k, v, o_proj), mlp (gate, up, down_proj), "
-                                   "all-linear (every one)")
+    adapter_targets: str = setting("all-linear", "the language model's linear layers the adapter "
+                                   "wraps, by name, comma-separated; short forms: attention (q, "
+                                   "k, v, o_proj), mlp (gate, up, down_proj), all-linear (every "
+                                   "one: measured against q_proj,v_proj in docs/EXPERIMENTS.md)")
     alpha: float = setting(purge.ALPHA, "contrast strength: c = (1 + alpha) z - alpha z' (VCD)")
     beta: float = setting(purge.BETA, "plausibility cut: keep p >= beta p_max (VCD)")
     noise_step: int = setting(None, "diffusion step k of the distortion, 0..999; none: VCD's 500 "

@@ -594,10 +594,13 @@ def main(argv=None):
         written = convert(args.src, args.dst)
     except Refused as refusal:
         parser.exit(2, f"convert_internvl2.py: error: {refusal}\n")
-    except OSError as error:  # a full disk, say: nothing half-written is left, dst is as it was
+    except Exception as error:  # a full disk, say: nothing half-written is left, dst as it was
+        failed = error if isinstance(error, OSError) else runs.os_error_of(error, args.dst)
+        if failed is None:
+            raise
         shutil.rmtree(args.dst.rstrip("/") + ".tmp", ignore_errors=True)
-        parser.exit(1, f"convert_internvl2.py: error: writing {error.filename or args.dst}: "
-                       f"{error.strerror or error}; {args.dst} is as it was before\n")
+        parser.exit(1, f"convert_internvl2.py: error: writing {failed.filename or args.dst}: "
+                       f"{failed.strerror or failed}; {args.dst} is as it was before\n")
     print(f"{args.dst}: InternVLForConditionalGeneration, {len(written)} tensors; "
           f"python train.py --model {args.dst} ... runs on it")
 

@@ -16,6 +16,21 @@ def _font(size):
     return ImageFont.load_default(size=size)
 
 
+def _save(image, path):
+    """The PNG written under a temporary name and renamed: a full disk never leaves half a picture
+    under its name."""
+    import os
+
+    tmp = path + ".tmp.png"
+    try:
+        image.save(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
 def curves(x, series, path, title, shade=None, size=(760, 420)):
     """Line plot: series = {label: (ys, colour)} over the same x; shade = (x0, x1), the void."""
     image = Image.new("RGB", size, "white")
@@ -38,7 +53,7 @@ def curves(x, series, path, title, shade=None, size=(760, 420)):
                   width=3)
         draw.text((left + 47, top + 5 + 20 * row), label, fill="black", font=_font(13))
     draw.text((left, 10), title, fill="black", font=_font(15))
-    image.save(path)
+    _save(image, path)
 
 
 def results_chart(rows, splits, void_mass, path):
@@ -78,7 +93,7 @@ def results_chart(rows, splits, void_mass, path):
         draw.rectangle([50 + 170 * i, 15, 64 + 170 * i, 29], fill=COLOURS[list(rows)[i]])
         draw.text((70 + 170 * i, 14), r["label"], fill="black", font=_font(13))
     draw.text((50, 36), f"POPE F1 % (axis from {low})", fill=(90, 90, 90), font=_font(12))
-    image.save(path)
+    _save(image, path)
 
 
 def scene_sheet(cards, path, title, side=160):
@@ -104,4 +119,4 @@ def scene_sheet(cards, path, title, side=160):
             draw.text((x, y + side + 22 + 16 * line), f"{who}: {answer}", fill=colour,
                       font=_font(13))
         draw.text((x + 120, y + side + 22), f"truth: {truth}", fill=(90, 90, 90), font=_font(13))
-    sheet.save(path)
+    _save(sheet, path)

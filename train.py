@@ -211,9 +211,9 @@ def prepare_run(config, device, dtype, autocast, say):
             return step_loss(model, batch, "reverse", config, None)[0]
 
     try:
-        config.micro_batch_size = memory.fit(model, processor, run_data.round_images[0],
-                                             run_data.object_names, run_data.description, config,
-                                             probe_loss, say)
+        every_image = [image for images in run_data.round_images for image in images]
+        config.micro_batch_size = memory.fit(model, processor, every_image, run_data.object_names,
+                                             run_data.description, config, probe_loss, say)
     except memory.DoesNotFit as refusal:
         cli.fail(str(refusal))
     claim = cli.claim_out(config)  # one run an --out: another one writing it is refused

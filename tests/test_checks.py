@@ -212,11 +212,11 @@ def test_a_resume_with_other_settings_is_refused_naming_the_flag_and_both_values
     config = cli.parse_config(toy_flags(tmp_path, "--steps", "40"))
     cli.start_run(config, None)  # what a started run leaves: run.json with its settings
     recorded = json.loads((tmp_path / "out" / "run.json").read_text())["settings"]
-    assert recorded["noise_step"] == 700 and recorded["lr"] == 2e-3 and recorded["steps"] == 40
+    assert recorded["noise_step"] == 700 and recorded["lr"] == 5.7e-4 and recorded["steps"] == 40
     for flags, message in ((["--steps", "40", "--noise-step", "500"],
                             "was made with --noise-step 700, this run has 500"),
                            (["--steps", "40", "--lr", "0.05"],
-                            "was made with --lr 0.002, this run has 0.05"),
+                            "was made with --lr 0.00057, this run has 0.05"),
                            ([], "was made with --steps 40, this run has 600")):
         with pytest.raises(SystemExit):
             cli.parse_config(toy_flags(tmp_path, "--resume", *flags))

@@ -194,8 +194,11 @@ def test_self_evolve_and_pope_run_on_qwen_as_on_llava(processor, tmp_path):
     assert len(history[0]["log"]) == 3 and all(torch.isfinite(torch.tensor(x["loss"]))
                                                for x in history[0]["log"])
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert changed and all(".language_model." in n
-                           and n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
+    # the default adapter: every linear layer of the decoder, merged into their weights
+    linears = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+               "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    assert changed and all(".language_model." in n and n.endswith(linears) for n in changed)
+    assert {n.rsplit(".", 2)[-2] for n in changed} == {t.split(".")[0] for t in linears}
     results = report.evaluate(model, processor, {"random": str(tmp_path / "coco_pope_random.json")},
                               str(tmp_path), str(tmp_path / "answers"), config, contrast=True)
     assert 0 <= results["greedy"]["random"]["f1"] <= 1

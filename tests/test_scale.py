@@ -3,7 +3,6 @@ ahead of the model, the plan, micro-batches, gradient checkpointing, the out-of-
 first."""
 import os
 import random
-import time
 
 import pytest
 import torch
@@ -81,19 +80,24 @@ def test_prefetched_gives_every_item_in_order_and_raises_at_the_failing_one():
 
 
 def test_prefetched_prepares_the_next_item_while_the_caller_works():
-    began = {}
+    import threading
+
+    started = {i: threading.Event() for i in range(3)}
 
     def prepare(i):
-        began[i] = time.perf_counter()
-        time.sleep(0.05)
+        started[i].set()
         return i
 
-    stamps = []
-    for i in loading.prefetched(range(4), prepare):
-        stamps.append(time.perf_counter())
-        time.sleep(0.05)  # the model's pass
-    # item 1 was being prepared while item 0 was used
-    assert began[1] < stamps[0] + 0.04
+    seen = []
+    for i in loading.prefetched(range(3), prepare):
+        seen.append(i)
+        if i == 0:  # the caller still busy with item 0: item 1 is being prepared meanwhile
+            assert started[1].wait(timeout=30)
+    assert seen == [0, 1, 2]
+    # the same without a thread: nothing is prepared before it is asked for
+    started = {i: threading.Event() for i in range(3)}
+    for i in loading.prefetched(range(3), prepare, ahead=0):
+        assert not started[i + 1].is_set() if i < 2 else True
 
 
 PROCESSORS = {"llava-1.5": lambda: replica.make_processor(["cat", "traffic light"]),
