@@ -63,7 +63,7 @@ class Config:
                                        "before any work; on the CPU the whole batch)")
     gradient_checkpointing: bool = setting(False, "recompute each decoder layer's activations in "
                                                   "the backward instead of keeping them: a layer "
-                                                  "keeps 8 KB a token instead of 140 (LLaVA-7B), "
+                                                  "keeps 8 KB a token instead of 172 (LLaVA-7B), "
                                                   "for one more forward pass of the student a "
                                                   "step")
     lr: float = setting(5.7e-4, "adapter learning rate, AdamW (ours: 2e-3 x (8 / rank) x (2 / "

@@ -333,7 +333,7 @@ def partner_share(data, config, results, say):
 
 def round_figures(history):
     """Each round's held-out void mass at its start and end, and its final loss (mean of its last
-    20 steps; none for a round replayed from its adapter on --resume)."""
+    20 steps; a round replayed on --resume brings its log of steps from its summary)."""
     return {"void_mass": [h["void_mass"] for h in history],
             "void_mass_at_start": [h["void_mass_at_start"] for h in history],
             "final_loss": [statistics.mean(x["loss"] for x in h["log"][-20:]) for h in history

@@ -161,9 +161,10 @@ def memory_table(config, figures):
     """Predicted peak memory of a SEED step at --batch-size 32 in micro-batches, with and without
     gradient checkpointing, from bench.py --memory's bytes a token a layer; and of a decoding pass
     at --eval-batch-size, its logits kept at every position (before) or the last (after)."""
-    lines = ["GiB at the peak of a training step (batch 32; m rows a micro-batch): weights + "
-             "m x tokens x (layers x kept a token a layer + one layer's working set) + m x "
-             "response positions x logits", f"{'':<16}{'kept KB':>8}" + "".join(
+    adapters = sorted({f["adapter_targets"] for f in figures.values()})
+    lines = [f"GiB at the peak of a training step (batch 32; m rows a micro-batch; the adapter on "
+             f"{', '.join(adapters)}): weights + m x tokens x (layers x kept a token a layer + "
+             f"one layer's working set) + m x response positions x logits", f"{'':<16}{'kept KB':>8}" + "".join(
                  f"{f'm={m}':>8}" for m in (32, 16, 8, 4, 2, 1)) + f"{'ckpt m=32':>10}"
              f"{'ckpt m=8':>10}  fits 24 / 48 / 80 / 141 GB by default"]
     for name, m in MODELS.items():
@@ -219,10 +220,11 @@ def main():
     prep = measure_preprocessing()
     print(time_table(config, prep))
     figures = {}
-    for path in args.memory_json:
+    for path in args.memory_json:  # the default adapter's (all-linear) figures where given
         with open(path) as f:
             measured = json.load(f)
-        figures[measured["shape"]] = measured
+        if measured["shape"] not in figures or measured["adapter_targets"] == "all-linear":
+            figures[measured["shape"]] = measured
     if figures:
         print()
         print(memory_table(config, figures))
