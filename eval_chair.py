@@ -389,7 +389,7 @@ if __name__ == "__main__":
     try:
         main()
     except OSError as error:  # a full disk, say: what was appended before is kept
-        sys.exit(f"error: cannot write {error.filename}: {error.strerror or error}; the descriptions "
-                 f"written before are kept, and the same command resumes after them")
+        sys.exit(f"error: cannot write {error.filename}: {error.strerror or error}; the "
+                 f"descriptions written before are kept, and the same command resumes after them")
     except ValueError as error:  # found during the work: names the file (and line) too
         sys.exit(f"error: {error}")

@@ -482,8 +482,8 @@ def main(argv=None):
 
 
 def add_decoding_flags(parser):
-    """The flags of the vcd decodings' contrast, the device and the weights' dtype (`answer` here and
-    in eval_chair.py)."""
+    """The flags of the vcd decodings' contrast, the device and the weights' dtype (`answer`
+    here and in eval_chair.py)."""
     parser.add_argument("--alpha", type=float, default=purge.ALPHA,
                         help="vcd decodings: contrast strength (METHOD.md 2)")
     parser.add_argument("--beta", type=float, default=purge.BETA,

@@ -3,10 +3,11 @@
 Paper: SEED (arXiv 2507.04680) trains LLaVA-1.5 on GPUs; how a step fits one is ours. A SEED step
 keeps about 170 KB per token per decoder layer for its backward at LLaVA-1.5-7B's widths, the
 adapter on every linear layer (`python bench.py --shape llava-7b --memory`; docs/REAL_RUN.md turns
-the figures into peaks), so 32 rows of 631 tokens need about 120 GiB: more than an 80 GB GPU. Before the first long phase
-train.py makes one full training step (forward and backward, no optimiser step) at the longest
-batch the run can produce, and one decoding pass of each decoding batch, so that an out-of-memory
-shows in the first minute with the flags that cure it, not after hours of example making:
+the figures into peaks), so 32 rows of 631 tokens need about 120 GiB: more than an 80 GB GPU.
+Before the first long phase train.py makes one full training step (forward and backward, no
+optimiser step) at the longest batch the run can produce, and one decoding pass of each decoding
+batch, so that an out-of-memory shows in the first minute with the flags that cure it, not after
+hours of example making:
 - `micro_batch(...)`: the largest micro-batch (halving from the batch) whose step fits, or the one
   asked for, checked;
 - `check_decoding(...)`: a prefill and a step of purified (two-pass) decoding at the longest prompt.

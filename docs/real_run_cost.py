@@ -164,8 +164,9 @@ def memory_table(config, figures):
     adapters = sorted({f["adapter_targets"] for f in figures.values()})
     lines = [f"GiB at the peak of a training step (batch 32; m rows a micro-batch; the adapter on "
              f"{', '.join(adapters)}): weights + m x tokens x (layers x kept a token a layer + "
-             f"one layer's working set) + m x response positions x logits", f"{'':<16}{'kept KB':>8}" + "".join(
-                 f"{f'm={m}':>8}" for m in (32, 16, 8, 4, 2, 1)) + f"{'ckpt m=32':>10}"
+             f"one layer's working set) + m x response positions x logits",
+             f"{'':<16}{'kept KB':>8}" + "".join(f"{f'm={m}':>8}" for m in (32, 16, 8, 4, 2, 1))
+             + f"{'ckpt m=32':>10}"
              f"{'ckpt m=8':>10}  fits 24 / 48 / 80 / 141 GB by default"]
     for name, m in MODELS.items():
         measured = figures.get(m["memory"])

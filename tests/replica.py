@@ -85,7 +85,8 @@ def make_processor(object_names):
 
 
 def make_model(tokenizer, seed=0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
 
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32,

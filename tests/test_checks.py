@@ -240,7 +240,8 @@ def test_a_fresh_run_over_an_earlier_one_is_refused_without_overwrite(tmp_path, 
     with pytest.raises(SystemExit):
         cli.parse_config(toy_flags(tmp_path))
     error = capsys.readouterr().err
-    assert "holds an earlier run (run.json, base): --resume continues it, --overwrite replaces it" in error
+    assert ("holds an earlier run (run.json, base): --resume continues it, --overwrite replaces it"
+            in error)
     config = cli.parse_config(toy_flags(tmp_path, "--overwrite", "--lr", "0.01"))
     cli.start_run(config, None)
     assert "--overwrite: replacing the earlier run" in capsys.readouterr().out

@@ -123,8 +123,8 @@ def test_a_resumed_two_process_run_redoes_nothing_and_ends_the_same(runs):
     assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
 
 
-FAILING_PROCESS = """# train.py, but its second process fails when it reads one photo (the fault is injected,
-# since train.py itself reads every photo once before it starts)
+FAILING_PROCESS = """# train.py, but its second process fails when it reads one photo (the fault is
+# injected, since train.py itself reads every photo once before it starts)
 import os, sys
 sys.path.insert(0, {root!r})
 import decode, train

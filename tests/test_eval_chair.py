@@ -230,7 +230,8 @@ def test_answer_describes_every_image_and_resumes_after_the_last(coco_replica, d
     assert all(r["prompt"] == eval_chair.PROMPT and isinstance(r["caption"], str) for r in records)
     out.write_text("".join(line + "\n" for line in out.read_text().splitlines()[:1]))
     again = chair(*flags)
+    # the same descriptions, made again only after the first
     assert again.returncode == 0 and out.read_text().splitlines()[1:] == [
-        json.dumps(r) for r in records[1:]]  # the same descriptions, made again only after the first
+        json.dumps(r) for r in records[1:]]
     other = chair(*flags[:-6], "--max-new-tokens", 5, "--batch-size", 2, "--device", "cpu")
     assert other.returncode == 2 and "made with --max-new-tokens 4" in other.stderr

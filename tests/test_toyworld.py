@@ -137,7 +137,8 @@ def test_tiny_budget_build_caches_and_round_trips(tmp_path, monkeypatch):
     config = toyworld.WorldConfig(steps=3, train_scenes=40, batch_size=8)
     path, world = toyworld.build(config, progress=False)
     assert path.startswith(str(tmp_path)) and os.path.exists(os.path.join(path, "COMPLETE"))
-    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import (AutoModelForImageTextToText, AutoProcessor,
+                              LlavaForConditionalGeneration)
 
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
@@ -221,7 +222,8 @@ def test_the_shipped_base_model_is_what_the_current_code_names():
     `python toyworld.py --ship` rebuilds it."""
     from dataclasses import asdict
 
-    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import (AutoModelForImageTextToText, AutoProcessor,
+                              LlavaForConditionalGeneration)
 
     with open(os.path.join(toyworld.SHIPPED, "world.json")) as f:
         recorded = json.load(f)

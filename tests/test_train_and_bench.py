@@ -25,7 +25,7 @@ def test_train_at_a_tiny_budget_writes_a_valid_results_json(tmp_path):
                 "--eval-images", "4", "--sample-seeds", "2", "--checkpoint-every", "2", "--out",
                 str(out), "--no-progress"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "SEED reverse KL" in done.stdout and "VCD decoding" in done.stdout and "SEED + VCD" in done.stdout
+    assert all(row in done.stdout for row in ("SEED reverse KL", "VCD decoding", "SEED + VCD"))
     results = json.loads((out / "results.json").read_text())
     for method in ("base", "vcd", "seed_forward", "seed_reverse", "seed_reverse_vcd"):
         for decoding in ("greedy", "sample"):
