@@ -26,7 +26,7 @@ pair (a load that comes and goes falls on both sides of a pair), with the spread
 5. decode_throughput_ratio: tokens per second of decode.generate's greedy loop over transformers'
    own model.generate (greedy, KV cache, same batch and number of new tokens). Target >= 1.
    decode_purified_throughput_ratio: purified (two-pass) decoding over that greedy loop, ~0.5.
---adapter-targets times the steps with a wider adapter (adapter.parse_targets' names).
+--adapter-targets: the adapter of the steps (train.py's default; adapter.parse_targets' names).
 
 --memory: the bytes a step keeps for its backward (every tensor autograd saves, its distinct
 storages, the weights left out), per token and per decoder layer, from models 1, 2, 3 ... layers
@@ -656,8 +656,8 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, nargs="+", default=[None],
                         help="override the layer count (same widths); --memory takes several")
     parser.add_argument("--batch-size", type=int, default=16, help="examples / questions per batch")
-    parser.add_argument("--adapter-targets", default="q_proj,v_proj",
-                        help="the layers the adapter wraps (train.py's --adapter-targets)")
+    parser.add_argument("--adapter-targets", default="all-linear",
+                        help="the layers the adapter wraps (train.py's --adapter-targets and default)")
     parser.add_argument("--rank", type=int, default=8,
                         help="the adapter's rank in the step figures (alpha_r = 2 x rank)")
     parser.add_argument("--answer-tokens", type=int, default=4,
