@@ -470,9 +470,9 @@ def step_bytes(args, layers):
     batch = with_recorded_teacher(batch, model.config.text_config.vocab_size)
     autocast = torch.autocast(device.type, dtype=dtype)
     figures = {}
-    variants = [("plain", False, "recorded"), ("plain", False, "sft"), ("checkpointed", True,
-                                                                        "recorded"),
-                ("checkpointed", True, "sft")]
+    variants = [(name, checkpointing, kind)
+                for name, checkpointing in (("plain", False), ("checkpointed", True))
+                for kind in ("recorded", "sft")]
     for name, checkpointing, kind in variants:
         models.checkpoint_decoder_layers(model, checkpointing)
         with autocast:
@@ -657,7 +657,8 @@ def parse_args(argv=None):
                         help="override the layer count (same widths); --memory takes several")
     parser.add_argument("--batch-size", type=int, default=16, help="examples / questions per batch")
     parser.add_argument("--adapter-targets", default="all-linear",
-                        help="the layers the adapter wraps (train.py's --adapter-targets and default)")
+                        help="the layers the adapter wraps (train.py's --adapter-targets, and "
+                             "its default)")
     parser.add_argument("--rank", type=int, default=8,
                         help="the adapter's rank in the step figures (alpha_r = 2 x rank)")
     parser.add_argument("--answer-tokens", type=int, default=4,

@@ -280,11 +280,11 @@ def check_model_flags(args):
     if args.objects and not os.path.isfile(args.objects):
         return f"--objects {args.objects}: " + ("a folder, not a file" if os.path.isdir(
             args.objects) else "no such file")
-    for flag, folder in (("--images", args.images), ("--pope", args.pope),
-                         ("--pope-images", args.pope_images)):
-        if not os.path.isdir(folder):
-            return f"{flag} {folder}: " + ("not a folder" if os.path.exists(folder)
-                                           else "no such folder")
+    problem = next(filter(None, (eval_pope.folder_problem(flag, folder) for flag, folder in (
+        ("--images", args.images), ("--pope", args.pope), ("--pope-images", args.pope_images)))),
+        None)
+    if problem:
+        return problem
     if not image_names_in(args.images):
         return f"--images {args.images}: no .jpg, .jpeg or .png files"
     pope_files = pope_files_in(args.pope)
@@ -294,11 +294,11 @@ def check_model_flags(args):
                 f"{eval_pope.SPLITS})")
     if bool(args.chair_annotations) != bool(args.chair_images):
         return "--chair-annotations and --chair-images go together (CHAIR needs both)"
-    for flag, folder in (("--chair-annotations", args.chair_annotations),
-                         ("--chair-images", args.chair_images)):
-        if folder and not os.path.isdir(folder):
-            return f"{flag} {folder}: " + ("not a folder" if os.path.exists(folder)
-                                           else "no such folder")
+    problem = args.chair_annotations and (
+        eval_pope.folder_problem("--chair-annotations", args.chair_annotations)
+        or eval_pope.folder_problem("--chair-images", args.chair_images))
+    if problem:
+        return problem
     test_images = set()
     for path in pope_files.values():
         try:
@@ -353,6 +353,17 @@ def round_size(config):
     return loading.images_per_round(config.steps, config.batch_size, config.probes_per_image)
 
 
+def sample_sizes(config, files=None):
+    """(images a round, distinct images over the rounds) of a run: round_size and
+    loading.needed, neither more than the `files` a folder holds (None: the toy world's endless
+    stream)."""
+    per_round = round_size(config)
+    distinct = loading.needed(per_round, config.rounds, config.fresh_images)
+    if files is None:
+        return per_round, distinct
+    return min(per_round, files), min(distinct, files)
+
+
 def recorded_sample(config):
     """The image sample of the run a --resume continues (its run.json), or None."""
     path = os.path.join(config.out, "run.json")
@@ -376,8 +387,7 @@ def sampled_images(config, say=print):
                  f"back, or start the run anew (--overwrite)")
         return recorded, paths
     order = loading.sample_order(image_names_in(config.images), config.seed)
-    per_round = min(round_size(config), len(order))
-    wanted = min(loading.needed(per_round, config.rounds, config.fresh_images), len(order))
+    per_round, wanted = sample_sizes(config, len(order))
     readable, bad = [], []
     from tqdm import tqdm
 
@@ -414,15 +424,12 @@ def claim_out(config):
 
 def load_checked(path, device, dtype):
     """models.load_model, before anything is written: a folder that does not load (no tokenizer,
-    truncated weights, a text-only model) stops the run in one line naming it and the cause."""
-    import models
-
+    truncated weights, a text-only model) stops the run in one line naming it and the cause
+    (eval_pope.load_or_refuse's)."""
     try:
-        return models.load_model(path, device, dtype)
-    except Exception as error:  # transformers', safetensors' and tokenizers' errors alike
-        cause = " ".join(str(error).split())
-        fail(f"--model {path}: cannot be loaded ({type(error).__name__}: "
-             f"{cause[:300] + ' ...' if len(cause) > 300 else cause})")
+        return eval_pope.load_or_refuse(path, device, dtype)
+    except eval_pope.Refused as refusal:
+        fail(str(refusal))
 
 
 def write_failure(error):
@@ -513,8 +520,7 @@ def toy_round_images(config, world, world_config):
     takes a folder's files, in order."""
     import toyworld
 
-    per_round = round_size(config)
-    count = loading.needed(per_round, config.rounds, config.fresh_images)
+    per_round, count = sample_sizes(config)
     scenes = toyworld.unlabeled_images(world, count, seed=config.seed + 20_000, config=world_config)
     sample = loading.round_samples(list(range(count)), per_round, config.rounds,
                                    config.fresh_images)

@@ -520,39 +520,42 @@ def convert(src, dst):
     image_size = vision["image_size"]
     tmp = dst.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    tokenizer = converted_tokenizer(src, llm, template)
-    context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-    tokens_per_tile = int(
-        (image_size // vision["patch_size"]) ** 2 * config["downsample_ratio"] ** 2)
-    native = transformers.InternVLConfig(
-        vision_config=vision_settings(vision, image_size), text_config=text_settings(llm),
-        image_token_id=context_id, image_seq_length=tokens_per_tile,
-        downsample_ratio=config["downsample_ratio"], projector_hidden_act="gelu",
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
-        tie_word_embeddings=llm.get("tie_word_embeddings", False))
-    native.architectures = ["InternVLForConditionalGeneration"]
-    native.save_pretrained(tmp)
-    stops = [tokenizer.convert_tokens_to_ids(t) for t in (template[-1], "<|im_start|>")]
-    # InternLM2's </s>
-    stops += [llm["eos_token_id"]] if isinstance(llm.get("eos_token_id"), int) else []
-    transformers.GenerationConfig(eos_token_id=list(dict.fromkeys(stops)),
-                                  pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
-    written = convert_weights(src, tmp, llm)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
-        f.write(chat_template(template))
-    settings = image_settings(config, image_size)
-    # the same settings for frames
-    video = {k: v for k, v in settings.items() if k != "image_processor_type"}
-    for name, body in (("preprocessor_config.json", settings),
-                       ("video_preprocessor_config.json",
-                        {**video, "video_processor_type": "InternVLVideoProcessor"}),
-                       ("processor_config.json", {"image_seq_length": tokens_per_tile,
-                                                  "processor_class": "InternVLProcessor"})):
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(body, f, indent=2)
-    runs.replace_folder(tmp, dst)  # the old folder kept until the new one is in place
+    # a failed write (a full disk, say) leaves no half-written folder: tmp is removed, and a
+    # library's report of it raised as the OSError it is
+    with runs.written_aside(tmp):
+        os.makedirs(tmp)
+        tokenizer = converted_tokenizer(src, llm, template)
+        context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        tokens_per_tile = int(
+            (image_size // vision["patch_size"]) ** 2 * config["downsample_ratio"] ** 2)
+        native = transformers.InternVLConfig(
+            vision_config=vision_settings(vision, image_size), text_config=text_settings(llm),
+            image_token_id=context_id, image_seq_length=tokens_per_tile,
+            downsample_ratio=config["downsample_ratio"], projector_hidden_act="gelu",
+            vision_feature_layer=-1, vision_feature_select_strategy="default",
+            tie_word_embeddings=llm.get("tie_word_embeddings", False))
+        native.architectures = ["InternVLForConditionalGeneration"]
+        native.save_pretrained(tmp)
+        stops = [tokenizer.convert_tokens_to_ids(t) for t in (template[-1], "<|im_start|>")]
+        # InternLM2's </s>
+        stops += [llm["eos_token_id"]] if isinstance(llm.get("eos_token_id"), int) else []
+        transformers.GenerationConfig(eos_token_id=list(dict.fromkeys(stops)),
+                                      pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
+        written = convert_weights(src, tmp, llm)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
+            f.write(chat_template(template))
+        settings = image_settings(config, image_size)
+        # the same settings for frames
+        video = {k: v for k, v in settings.items() if k != "image_processor_type"}
+        for name, body in (("preprocessor_config.json", settings),
+                           ("video_preprocessor_config.json",
+                            {**video, "video_processor_type": "InternVLVideoProcessor"}),
+                           ("processor_config.json", {"image_seq_length": tokens_per_tile,
+                                                      "processor_class": "InternVLProcessor"})):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(body, f, indent=2)
+        runs.replace_folder(tmp, dst)  # the old folder kept until the new one is in place
     return written
 
 
@@ -594,11 +597,7 @@ def main(argv=None):
         written = convert(args.src, args.dst)
     except Refused as refusal:
         parser.exit(2, f"convert_internvl2.py: error: {refusal}\n")
-    except Exception as error:  # a full disk, say: nothing half-written is left, dst as it was
-        failed = error if isinstance(error, OSError) else runs.os_error_of(error, args.dst)
-        if failed is None:
-            raise
-        shutil.rmtree(args.dst.rstrip("/") + ".tmp", ignore_errors=True)
+    except OSError as failed:  # a full disk, say: nothing half-written is left, dst as it was
         parser.exit(1, f"convert_internvl2.py: error: writing {failed.filename or args.dst}: "
                        f"{failed.strerror or failed}; {args.dst} is as it was before\n")
     print(f"{args.dst}: InternVLForConditionalGeneration, {len(written)} tensors; "

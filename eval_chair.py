@@ -42,7 +42,6 @@ import json
 import os
 import random
 import re
-import sys
 
 import eval_pope
 import runs
@@ -386,10 +385,4 @@ def score_command(args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except OSError as error:  # a full disk, say: what was appended before is kept
-        sys.exit(f"error: cannot write {error.filename}: {error.strerror or error}; the "
-                 f"descriptions written before are kept, and the same command resumes after them")
-    except ValueError as error:  # found during the work: names the file (and line) too
-        sys.exit(f"error: {error}")
+    eval_pope.run_command(main, "descriptions")

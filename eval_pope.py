@@ -670,11 +670,18 @@ def score_command(args):
         runs.write_json(args.json, rows, indent=2)
 
 
-if __name__ == "__main__":
+def run_command(main, written):
+    """main(), an error found during the work ended in one line: a failed write (a full disk, say)
+    names the file and says that the `written` appended before it are kept, a ValueError names
+    the file (and line) it found."""
     try:
         main()
-    except OSError as error:  # a full disk, say: what was appended before is kept
-        sys.exit(f"error: cannot write {error.filename}: {error.strerror or error}; the answers "
+    except OSError as error:
+        sys.exit(f"error: cannot write {error.filename}: {error.strerror or error}; the {written} "
                  f"written before are kept, and the same command resumes after them")
-    except ValueError as error:  # found during the work: names the file (and line) too
+    except ValueError as error:
         sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    run_command(main, "answers")

@@ -58,16 +58,23 @@ def longest_image(images):
     return [images[i] for i in sorted(picks)]
 
 
-def longest_batch(model, processor, images, prompts, rows, response_tokens):
-    """A training batch of `rows` copies of the longest row the run can make: the candidate image
-    with the most image tokens, the longest prompt, `response_tokens` response tokens, and a
-    recorded teacher of TEACHER_WIDTH kept tokens at every response position."""
-    import seed
-
+def longest_prompt(processor, images, prompts):
+    """(image, text, tokens) of the longest prompt the run can make: the candidate image
+    (longest_image) and the prompt whose processed prompt has the most tokens."""
     candidates = [(image, text) for image in longest_image(images) for text in prompts]
     lengths = [models.prompt_batch(processor, [image], [text])["input_ids"].shape[1]
                for image, text in candidates]
-    image, text = candidates[max(range(len(candidates)), key=lengths.__getitem__)]
+    longest = max(range(len(candidates)), key=lengths.__getitem__)
+    return (*candidates[longest], lengths[longest])
+
+
+def longest_batch(model, processor, prompt, rows, response_tokens):
+    """A training batch of `rows` copies of the longest row the run can make: `prompt`, the
+    (image, text, tokens) of longest_prompt, `response_tokens` response tokens, and a recorded
+    teacher of TEACHER_WIDTH kept tokens at every response position."""
+    import seed
+
+    image, text, _ = prompt
     filler = next(i for i in range(len(processor.tokenizer)) if i not in
                   set(models.placeholder_token_ids(model, processor)) | {
                       processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id})
@@ -129,22 +136,22 @@ def micro_batch(model, processor, images, prompts, config, step_loss, say=print)
         return config.micro_batch_size or rows
     asked = config.micro_batch_size
     total = torch.cuda.get_device_properties(device).total_memory
+    prompt = longest_prompt(processor, images, prompts)  # found once, for every try
+    response_tokens = config.description_tokens + 1
+    length = longest_batch(model, processor, prompt, 1, response_tokens)["input_ids"].shape[1]
     attached = not adapter.adapter_layers(model)
     if attached:
         adapter.add_adapter(model, rank=config.rank, alpha_r=config.alpha_r,
                             targets=adapter.parse_targets(config.adapter_targets))
     try:
         def try_rows(n):
-            return training_step_peak(model, longest_batch(model, processor, images, prompts, n,
-                                                           config.description_tokens + 1),
-                                      step_loss)
+            return training_step_peak(model, longest_batch(model, processor, prompt, n,
+                                                           response_tokens), step_loss)
 
         fit, tried = find_fit(try_rows, asked or rows, HEADROOM * total)
     finally:
         if attached:
             adapter.remove_adapter(model)
-    length = longest_batch(model, processor, images, prompts, 1,
-                           config.description_tokens + 1)["input_ids"].shape[1]
     if fit is not None and (not asked or fit == asked):
         peak = tried[fit]
         say(f"memory: a training step of {fit} rows of {length} tokens peaks at "
@@ -200,6 +207,10 @@ def fit(model, processor, images, object_names, description, config, step_loss, 
     import seed
 
     prompts = [description, seed.probe_text(max(object_names, key=len))]
+    if device_of(model).type == "cuda":  # (the CPU tries nothing)
+        # the few images that could make the longest prompt, every file's header read once for
+        # all the tries below (longest_image of them picks the same ones again)
+        images = longest_image(images)
     micro = micro_batch(model, processor, images, prompts, config, step_loss, say)
     check_decoding(model, processor, images, prompts, max(config.description_tokens, 4),
                    config.eval_batch_size, "--eval-batch-size", say)

@@ -593,7 +593,7 @@ def build(config=None, progress=True, shipped=True):
     pretrain(model, processor, world, config, progress=progress)
     seconds = time.time() - start
     tmp = f"{final}.tmp-{os.getpid()}"
-    try:
+    with runs.written_aside(tmp):  # a full disk, say: no half-written cache folder left behind
         os.makedirs(tmp, exist_ok=True)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -604,12 +604,6 @@ def build(config=None, progress=True, shipped=True):
                        "pretrain_steps_per_second": round(config.steps / seconds, 2),
                        "torch_threads": torch.get_num_threads()}, f, indent=1)
         _publish(tmp, final)
-    except BaseException as error:  # a full disk, say: no half-written cache folder left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        failed = runs.os_error_of(error, tmp)
-        if failed is not None:
-            raise failed from error
-        raise
     return final, world
 
 
@@ -633,12 +627,9 @@ def eval_set(n_images, world, config=None):
     folder = os.path.join(cache_dir(config), f"pope{n_images}")
     if not os.path.exists(os.path.join(folder, "COMPLETE")):
         tmp = f"{folder}.tmp-{os.getpid()}"
-        try:
+        with runs.written_aside(tmp):  # no half-written evaluation set left behind
             write_eval_set(world, tmp, n_images, config=config)
             _publish(tmp, folder)
-        except BaseException:  # no half-written evaluation set left behind
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     files = {split: os.path.join(folder, f"toy_pope_{split}.json") for split in eval_pope.SPLITS}
     with open(os.path.join(folder, "objects.json")) as f:
         objects = json.load(f)

@@ -235,10 +235,7 @@ def show_plan(config):
                                             steps=config.pretrain_steps)
         world = toyworld.make_world(world_config.world_seed, world_config.n_classes)
         pope_files, files = toyworld.eval_set(config.eval_images, world, world_config)[0], None
-    per_round = cli.round_size(config)
-    distinct = loading.needed(per_round, config.rounds, config.fresh_images)
-    if files is not None:  # a folder holds only so many
-        per_round, distinct = min(per_round, files), min(distinct, files)
+    per_round, distinct = cli.sample_sizes(config, files)  # a folder holds only so many
     chair = 0
     if config.chair_images:
         import eval_chair
